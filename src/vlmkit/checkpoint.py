@@ -1,0 +1,154 @@
+"""A checkpoint is a directory, written atomically.
+
+    config.json          {"format_version", "kind", "model": {...}}
+    model.safetensors    weights (never pickle)
+    tokenizer.json       + tokenizer_config.json
+    preprocessor.json    image size, resize mode, mean/std
+    trainer_state/       optimizer, schedule, RNG, step (only for resumable checkpoints)
+    metrics.jsonl        the training log up to this checkpoint
+
+Everything is first written to a hidden sibling directory and then renamed into place,
+so a run killed at any moment leaves the previous checkpoint intact and loadable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlmkit.config import FORMAT_VERSION, ConfigError
+
+REQUIRED_FILES = ("config.json", "model.safetensors")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, incomplete or does not match the model."""
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    kind: str,
+    model_config: dict[str, Any],
+    tokenizer=None,
+    preprocessor: dict[str, Any] | None = None,
+    trainer_state: dict[str, Any] | None = None,
+    extra_files: dict[str, str | Path] | None = None,
+) -> Path:
+    """Write a complete checkpoint directory at `path`, replacing any old one atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    config = {"format_version": FORMAT_VERSION, "kind": kind, "model": model_config}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    if preprocessor is not None:
+        (tmp / "preprocessor.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    if trainer_state is not None:
+        (tmp / "trainer_state").mkdir()
+        torch.save(trainer_state, tmp / "trainer_state" / "state.pt")
+    for name, source in (extra_files or {}).items():
+        if Path(source).exists():
+            shutil.copyfile(source, tmp / name)
+    _fsync_tree(tmp)
+    if path.exists():  # replace: move the old one aside first so a crash never leaves neither
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    return path
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: not a vlmkit checkpoint (missing {', '.join(missing)})")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format_version {version!r}, this vlmkit reads {FORMAT_VERSION}")
+    for key in ("kind", "model"):
+        if key not in config:
+            raise CheckpointError(f"{path / 'config.json'}: missing key {key!r}")
+    return config
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load model.safetensors strictly: any missing, unexpected or mis-shaped tensor is an error."""
+    file = Path(path) / "model.safetensors"
+    try:
+        state = load_file(str(file))
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise CheckpointError(f"{file}: unreadable weights ({e})") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{file}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(f"{file}: {key} has shape {list(tensor.shape)}, model expects {list(expected[key].shape)}")
+    model.load_state_dict(state)
+
+
+def load_trainer_state(path: str | Path) -> dict[str, Any] | None:
+    file = Path(path) / "trainer_state" / "state.pt"
+    return torch.load(file, map_location="cpu", weights_only=True) if file.exists() else None
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The newest complete `step-N` checkpoint under `directory` (temporary ones are hidden)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    steps = []
+    for child in directory.glob("step-*"):
+        try:
+            if all((child / name).is_file() for name in REQUIRED_FILES):
+                steps.append((int(child.name.split("-")[1]), child))
+        except ValueError:
+            continue
+    return max(steps)[1] if steps else None
+
+
+def build_model(kind: str, model_config: dict[str, Any]) -> torch.nn.Module:
+    """Rebuild a model of a known kind from its config dict."""
+    if kind == "dual_encoder":
+        from vlmkit.config import DualEncoderConfig
+        from vlmkit.models.dual_encoder import DualEncoder
+
+        return DualEncoder(DualEncoderConfig.from_dict(model_config, "config.json model"))
+    raise ConfigError(f"unknown model kind {kind!r}; known kinds: dual_encoder")
+
+
+def load_model(path: str | Path) -> torch.nn.Module:
+    config = read_config(path)
+    model = build_model(config["kind"], config["model"])
+    load_weights(model, path)
+    return model.eval()

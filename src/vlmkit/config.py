@@ -1,0 +1,275 @@
+"""Typed, nested, validated configs with a JSON round trip.
+
+Every config is a dataclass deriving from `Config`. `from_dict` rejects unknown keys
+and values of the wrong type with a message naming the key; `__post_init__` checks
+ranges. Nothing here knows about models: it only describes them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+FORMAT_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names it."""
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    """Coerce `value` to `hint` where lossless (int -> float, list -> tuple); else raise."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}")
+        return value
+    if isinstance(hint, type) and issubclass(hint, Config):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return hint.from_dict(value, where)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        args = typing.get_args(hint)
+        item = args[0] if args else Any
+        items = [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+@dataclass
+class Config:
+    """Base class: dict/JSON round trip with strict key and type checks."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str | None = None) -> "Config":
+        where = where or cls.__name__
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in data if k not in names]
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(names)}")
+        kwargs = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def replace(self, **changes: Any) -> "Config":
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    def override(self, dotted: dict[str, Any]) -> "Config":
+        """Apply `{"train.lr": 1e-3, ...}` overrides, each checked like any other key."""
+        data = self.to_dict()
+        for key, value in dotted.items():
+            node, parts = data, key.split(".")
+            for part in parts[:-1]:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"unknown config section {part!r} in {key!r}")
+                node = node[part]
+            if parts[-1] not in node:
+                raise ConfigError(f"unknown config key {key!r}")
+            node[parts[-1]] = value
+        return type(self).from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        data.pop("format_version", None)
+        return cls.from_dict(data, str(path))
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class VisionConfig(Config):
+    """A Vision Transformer: image -> sequence of patch tokens."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    channels: int = 3
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    class_token: bool = True
+    norm_pre: bool = False          # CLIP normalises the embeddings before the blocks
+    patch_bias: bool = True         # CLIP's patch convolution has no bias
+    act: Literal["gelu", "gelu_tanh", "quick_gelu"] = "gelu"
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "channels", "width", "depth", "heads", "mlp_dim"):
+            _require(getattr(self, name) > 0, f"vision.{name} must be positive")
+        _require(self.image_size % self.patch_size == 0,
+                 f"vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        _require(self.width % self.heads == 0, f"vision.width {self.width} is not divisible by heads {self.heads}")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class TextConfig(Config):
+    """A BERT-compatible text encoder (post-norm, learned positions, token types)."""
+
+    vocab_size: int = 30522
+    width: int = 384
+    depth: int = 6
+    heads: int = 12
+    mlp_dim: int = 1536
+    max_positions: int = 512
+    type_vocab_size: int = 2
+    act: Literal["gelu", "gelu_tanh", "quick_gelu"] = "gelu"
+    norm_eps: float = 1e-12
+    max_length: int = 64            # captions are truncated to this many tokens
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "width", "depth", "heads", "mlp_dim", "max_positions", "max_length"):
+            _require(getattr(self, name) > 0, f"text.{name} must be positive")
+        _require(self.width % self.heads == 0, f"text.width {self.width} is not divisible by heads {self.heads}")
+        _require(self.max_length <= self.max_positions,
+                 f"text.max_length {self.max_length} exceeds max_positions {self.max_positions}")
+
+
+@dataclass
+class DualEncoderConfig(Config):
+    """Two towers, each pooled and projected into one shared embedding space."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 512
+    vision_pool: Literal["cls", "mean"] = "cls"
+    text_pool: Literal["cls", "mean"] = "mean"
+    loss: Literal["infonce", "siglip"] = "infonce"
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = math.log(100.0)   # CLIP clamps the temperature at 100
+    init_logit_bias: float = -10.0             # used by the SigLIP loss only
+
+    def __post_init__(self) -> None:
+        _require(self.embed_dim > 0, "embed_dim must be positive")
+        _require(not (self.vision_pool == "cls" and not self.vision.class_token),
+                 "vision_pool 'cls' needs vision.class_token = true")
+
+
+@dataclass
+class DataConfig(Config):
+    """Where the image-caption pairs come from."""
+
+    source: str = "shapes"                 # a built-in source name or a path to your pairs
+    train_split: str = "train"
+    eval_split: str = "test"
+    train_size: int | None = None          # built-in generators: how many examples to make
+    eval_size: int = 1000
+    source_options: dict = field(default_factory=dict)  # extra keyword arguments for the source
+    keep_classes: list[str] | None = None  # train only on these classes (held-out-class tests)
+    image_size: int | None = None          # default: the vision tower's
+    resize_mode: Literal["squash", "shortest_crop", "pad"] = "squash"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    max_bad_fraction: float = 0.01         # fail when more images than this are unreadable
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]")
+        _require(self.eval_size > 0, "data.eval_size must be positive")
+
+
+@dataclass
+class TrainConfig(Config):
+    """How to optimise: steps, batch, schedule, precision, checkpoints."""
+
+    steps: int = 1000
+    batch_size: int = 128
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.0
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta2: float = 0.98
+    clip_grad: float = 1.0
+    # "auto": bf16 autocast on a GPU that supports it, fp32 elsewhere (CPUs without native
+    # bf16 matrix units run bf16 through slow emulation: ~60x slower on this project's CI).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0             # 0: evaluate at the end only
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    lock_text: bool = False         # LiT: keep the (pretrained) text tower frozen
+    lock_vision: bool = False
+    text_init: str | None = None    # a BERT directory to start the text tower from
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "save_every", "keep_checkpoints"):
+            _require(getattr(self, name) > 0, f"train.{name} must be positive")
+        _require(self.lr > 0, "train.lr must be positive")
+        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
+        _require(self.warmup_steps >= 0 and self.eval_every >= 0, "train.warmup_steps/eval_every must be >= 0")
+
+
+@dataclass
+class ClipRunConfig(Config):
+    """Everything a Stage 1 (contrastive) run needs."""
+
+    model: DualEncoderConfig = field(default_factory=DualEncoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

@@ -1,0 +1,212 @@
+"""Safe image decoding (`load_image`) and the model-side pixel pipeline (`ImageTransform`).
+
+`load_image` turns a path, raw bytes or a PIL image into a fully decoded RGB image, or raises
+`ImageDecodeError` saying what is wrong and where. `ImageTransform` resizes and normalises an
+RGB image into a `[3, size, size]` float tensor; its `to_dict()` is a checkpoint's
+preprocessor.json.
+"""
+from __future__ import annotations
+
+import io
+import os
+import random
+import threading
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+
+class ImageDecodeError(ValueError):
+    """An image that cannot be used: missing, not an image, corrupt, too large or empty."""
+
+    def __init__(self, problem: str, source: str):
+        super().__init__(f"{problem}: {source}")
+        self.problem = problem
+        self.source = source
+
+
+# PIL's own bomb guard (a process-wide setting) warns or raises at open time, before we can
+# apply the caller's `max_pixels`. We lift it just while the header is parsed, under a lock
+# so concurrent loaders never restore a stale value.
+_PIL_GUARD_LOCK = threading.Lock()
+
+
+@contextmanager
+def _pil_guard_lifted() -> Iterator[None]:
+    with _PIL_GUARD_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def load_image(src: str | os.PathLike | bytes | Image.Image, max_pixels: int = 64_000_000) -> Image.Image:
+    """Decode `src` to an RGB image: EXIF orientation applied, first frame, fully loaded."""
+    if isinstance(src, Image.Image):
+        name, im = "<PIL image>", src
+        _check_size(im.size, max_pixels, name)
+    else:
+        name, fp = _open_source(src)
+        try:
+            with _pil_guard_lifted():
+                im = Image.open(fp)
+        except Image.UnidentifiedImageError as e:
+            raise ImageDecodeError("not an image (unrecognised format)", name) from e
+        except Exception as e:  # PIL signals bad headers with many exception types
+            raise ImageDecodeError(f"corrupt image header ({e})", name) from e
+        # Checked on the header's claim, before a single pixel is decompressed.
+        _check_size(im.size, max_pixels, name)
+    try:
+        im.load()  # decode now so corruption surfaces here, not later in a worker
+    except Exception as e:  # truncated data is OSError; broken chunks can be anything
+        raise ImageDecodeError(f"truncated or corrupt image data ({e})", name) from e
+    _check_size(im.size, max_pixels, name)  # some formats (GIF) may grow while decoding
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:
+        pass  # malformed EXIF only loses the orientation; the pixels are still good
+    return _to_rgb(im)
+
+
+def _open_source(src: str | os.PathLike | bytes) -> tuple[str, Any]:
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        if len(src) == 0:
+            raise ImageDecodeError("empty data", "<bytes>")
+        return "<bytes>", io.BytesIO(bytes(src))
+    path = os.fspath(src)
+    if not os.path.isfile(path):
+        raise ImageDecodeError("file not found", str(path))
+    if os.path.getsize(path) == 0:
+        raise ImageDecodeError("empty file", str(path))
+    with open(path, "rb") as f:  # read whole file so no handle stays open after decoding
+        return str(path), io.BytesIO(f.read())
+
+
+def _check_size(size: tuple[int, int], max_pixels: int, name: str) -> None:
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise ImageDecodeError(f"zero-size image ({w}x{h})", name)
+    if w * h > max_pixels:
+        raise ImageDecodeError(f"image too large ({w}x{h} = {w * h} pixels > max_pixels={max_pixels})", name)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency is composited onto white."""
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I") or im.mode == "F":
+        return Image.fromarray(_to_uint8(np.asarray(im))).convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    # PIL's own I/F -> L conversion clips instead of scaling, which turns 16-bit images white.
+    if a.dtype.kind == "f":  # float images: [0, 1] if they fit, else assume [0, 255]
+        a = np.nan_to_num(a.astype(np.float64))
+        scale = 255.0 if a.size and a.max() <= 1.0 else 1.0
+        return np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
+    # Integer modes (I;16*, I) hold 16-bit data: 65535 / 257 = 255 maps the range exactly.
+    return np.rint(np.clip(a.astype(np.float64), 0, 65535) / 257.0).astype(np.uint8)
+
+
+_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+             "bicubic": Image.Resampling.BICUBIC}
+_RESIZE_MODES = ("squash", "shortest_crop", "pad")
+
+
+@dataclass
+class ImageTransform:
+    """RGB image -> normalised float tensor [3, size, size].
+
+    resize_mode: "squash" (ignore aspect), "shortest_crop" (shortest side to `size`, centre
+    crop, as CLIP does) or "pad" (letterbox with the mean colour, so padding normalises to 0).
+    random_crop_scale < 1 adds, only when `train=True`, a random crop of that fraction..1 of
+    the area with the aspect kept; off by default because `shapes` captions name positions.
+    """
+
+    size: int = 224
+    resize_mode: str = "squash"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bicubic"
+    random_crop_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"size must be a positive int, got {self.size!r}")
+        if self.resize_mode not in _RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {_RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"interpolation must be one of {tuple(_RESAMPLE)}, got {self.interpolation!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            try:
+                value = tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} must be 3 numbers, got {value!r}") from None
+            if len(value) != 3 or (name == "std" and min(value) <= 0):
+                raise ValueError(f"{name} must be 3 numbers{' > 0' if name == 'std' else ''}, got {value!r}")
+            setattr(self, name, value)  # lists from JSON become tuples
+        if not 0.0 < float(self.random_crop_scale) <= 1.0:
+            raise ValueError(f"random_crop_scale must be in (0, 1], got {self.random_crop_scale!r}")
+
+    def __call__(self, img: Image.Image, train: bool = False, rng: random.Random | None = None) -> torch.Tensor:
+        img = _to_rgb(img)
+        w, h = img.size
+        box = (0.0, 0.0, float(w), float(h))  # region of the source to use, in source pixels
+        if train and self.random_crop_scale < 1.0:
+            rng = rng if rng is not None else random.Random()
+            side = rng.uniform(self.random_crop_scale, 1.0) ** 0.5  # area fraction -> side fraction
+            cw, ch = w * side, h * side
+            x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+            box = (x0, y0, x0 + cw, y0 + ch)
+        out = self._resize(img, box)
+        x = torch.from_numpy(np.asarray(out, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return ((x - mean) / std).contiguous()
+
+    def _resize(self, img: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:
+        # Resizing straight from a source box avoids materialising huge intermediates
+        # (a 10000x1 image upscaled on its short side would need gigabytes).
+        s, resample = self.size, _RESAMPLE[self.interpolation]
+        x0, y0, x1, y1 = box
+        bw, bh = x1 - x0, y1 - y0
+        if self.resize_mode == "squash":
+            return img.resize((s, s), resample, box=box)
+        if self.resize_mode == "shortest_crop":
+            side = min(bw, bh)
+            cx, cy = x0 + (bw - side) / 2, y0 + (bh - side) / 2
+            return img.resize((s, s), resample, box=(cx, cy, cx + side, cy + side))
+        # pad: longest side to `s`, then centre on a mean-coloured square
+        scale = s / max(bw, bh)
+        nw, nh = max(1, min(s, round(bw * scale))), max(1, min(s, round(bh * scale)))
+        fill = tuple(int(round(m * 255)) for m in self.mean)
+        canvas = Image.new("RGB", (s, s), fill)
+        canvas.paste(img.resize((nw, nh), resample, box=box), ((s - nw) // 2, (s - nh) // 2))
+        return canvas
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)  # JSON has no tuples
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ImageTransform":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ImageTransform key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**d)

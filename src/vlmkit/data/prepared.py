@@ -1,0 +1,106 @@
+"""Decode a source once into compact tensors, skipping (and counting) unreadable images.
+
+Small and medium datasets (the built-in ones, a few tens of thousands of your own
+pairs) fit in memory as uint8 pixels, so training batches are an index into a tensor:
+no per-step decoding, no worker processes fighting the model for the CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from vlmkit.data.images import ImageDecodeError, ImageTransform
+from vlmkit.data.sources.base import Source
+
+
+class DataError(ValueError):
+    """The data cannot be used as asked (too many unreadable images, empty source...)."""
+
+
+@dataclass
+class PreparedPairs:
+    images: torch.Tensor           # uint8 [N, 3, S, S]
+    captions: list[str]
+    labels: torch.Tensor           # long [N], -1 where the source has no class
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def subset(self, mask: torch.Tensor) -> "PreparedPairs":
+        """The rows where the boolean `mask` is true."""
+        captions = [c for c, keep in zip(self.captions, mask.tolist()) if keep]
+        return PreparedPairs(self.images[mask], captions, self.labels[mask], self.mean, self.std, self.skipped)
+
+    def pixels(self, index: torch.Tensor | slice) -> torch.Tensor:
+        """Normalised float pixels [B, 3, S, S] for the given rows."""
+        x = self.images[index].float().div_(255.0)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+class _Decoded(Dataset):
+    def __init__(self, source: Source, transform: ImageTransform, count: int):
+        self.source, self.transform, self.count = source, transform, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int):
+        try:
+            ex = self.source[i]
+        except (ImageDecodeError, FileNotFoundError) as e:
+            return None, str(e)
+        x = self.transform(ex.image)  # [3, S, S] in [0, 1]: the transform has mean 0, std 1
+        pixels = x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+        return (pixels, ex.caption, -1 if ex.label is None else int(ex.label)), None
+
+
+def _collate(items):
+    return items
+
+
+def prepare(
+    source: Source,
+    transform: ImageTransform,
+    limit: int | None = None,
+    max_bad_fraction: float = 0.01,
+    num_workers: int = 0,
+    desc: str = "decode",
+) -> PreparedPairs:
+    """Decode up to `limit` examples of `source` at the transform's size.
+
+    Unreadable images are skipped and counted; past `max_bad_fraction` of them the
+    run stops with a message naming the first bad file.
+    """
+    count = len(source) if limit is None else min(limit, len(source))
+    if count == 0:
+        raise DataError(f"data source {source.name!r} is empty")
+    raw = ImageTransform(**{**transform.to_dict(), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)})
+    loader = DataLoader(_Decoded(source, raw, count), batch_size=256, num_workers=num_workers, collate_fn=_collate)
+    images, captions, labels, errors = [], [], [], []
+    with tqdm(total=count, desc=desc, unit="img", leave=False) as bar:
+        for batch in loader:
+            for item, error in batch:
+                if item is None:
+                    errors.append(error)
+                else:
+                    images.append(item[0])
+                    captions.append(item[1])
+                    labels.append(item[2])
+            bar.update(len(batch))
+    if errors and len(errors) / count > max_bad_fraction:
+        raise DataError(
+            f"{len(errors)} of {count} images in {source.name!r} could not be read "
+            f"({len(errors) / count:.1%} > data.max_bad_fraction {max_bad_fraction:.1%}); first: {errors[0]}"
+        )
+    if not images:
+        raise DataError(f"no readable images in {source.name!r}")
+    return PreparedPairs(torch.stack(images), captions, torch.tensor(labels, dtype=torch.long),
+                         tuple(transform.mean), tuple(transform.std), skipped=len(errors))

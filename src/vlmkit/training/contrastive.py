@@ -1,0 +1,179 @@
+"""Stage 1 recipe: train a CLIP-style dual encoder with a contrastive loss.
+
+Data -> tokenizer -> model (optionally with a pretrained, locked text tower: LiT) ->
+Trainer -> final checkpoint, evaluation report and pictures.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlmkit.checkpoint import save_checkpoint
+from vlmkit.config import ClipRunConfig
+from vlmkit.data.images import ImageTransform
+from vlmkit.data.prepared import prepare
+from vlmkit.data.sources import build_source
+from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.evaluation.clip_eval import evaluate_dual_encoder, zero_shot_sets
+from vlmkit.losses import infonce_loss, siglip_loss
+from vlmkit.models.dual_encoder import DualEncoder
+from vlmkit.training import distributed
+from vlmkit.training.trainer import Trainer
+
+
+@dataclass
+class ClipRun:
+    model_dir: Path
+    results: dict[str, float]
+    status: str
+
+
+def image_transform(cfg: ClipRunConfig) -> ImageTransform:
+    d = cfg.data
+    return ImageTransform(size=d.image_size or cfg.model.vision.image_size, resize_mode=d.resize_mode,
+                          mean=d.mean, std=d.std)
+
+
+def _source(cfg: ClipRunConfig, split: str, size: int | None):
+    d = cfg.data
+    kwargs = dict(d.source_options)
+    if size is not None and d.source == "shapes":
+        kwargs["size"] = size
+    return build_source(d.source, split, **kwargs)
+
+
+class BatchPlan:
+    """Which rows make up micro-batch (step, micro): a pure function of the seed and the step."""
+
+    def __init__(self, n: int, batch_size: int, grad_accum: int, seed: int):
+        if n < batch_size:
+            raise ValueError(f"the training set has {n} examples, fewer than train.batch_size {batch_size}")
+        self.n, self.batch_size, self.grad_accum, self.seed = n, batch_size, grad_accum, seed
+        self.per_epoch = n // batch_size
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def __call__(self, step: int, micro: int) -> torch.Tensor:
+        epoch, pos = divmod(step * self.grad_accum + micro, self.per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+        rows = self._perm[1][pos * self.batch_size: (pos + 1) * self.batch_size]
+        return torch.from_numpy(rows[distributed.rank():: distributed.world_size()].copy())
+
+
+def train_clip(cfg: ClipRunConfig, out_dir: str | Path, resume: bool = True) -> ClipRun:
+    distributed.init_distributed()
+    out_dir = Path(out_dir)
+    device = distributed.default_device()
+    torch.manual_seed(cfg.train.seed)
+    transform = image_transform(cfg)
+
+    # ---- data
+    train_source = _source(cfg, cfg.data.train_split, cfg.data.train_size)
+    train = prepare(train_source, transform, max_bad_fraction=cfg.data.max_bad_fraction, desc="train data")
+    if cfg.data.keep_classes is not None:
+        keep = [i for i, c in enumerate(train_source.classes or []) if c in cfg.data.keep_classes]
+        if not keep:
+            raise ValueError(f"data.keep_classes {cfg.data.keep_classes} matches none of {train_source.classes}")
+        train = train.subset(torch.isin(train.labels, torch.tensor(keep)))
+    eval_source = _source(cfg, cfg.data.eval_split, cfg.data.eval_size)
+    eval_data = prepare(eval_source, transform, limit=cfg.data.eval_size if cfg.data.source != "shapes" else None,
+                        max_bad_fraction=cfg.data.max_bad_fraction, desc="eval data")
+    if train.skipped:
+        print(f"[vlmkit] skipped {train.skipped} unreadable training images")
+
+    # ---- tokenizer and model (a pretrained text tower fixes both the text config and the vocabulary)
+    model_cfg = cfg.model
+    text_state = None
+    if cfg.train.text_init:
+        from vlmkit.convert.bert import load_bert
+
+        text_cfg, text_state, tokenizer = load_bert(cfg.train.text_init, cfg.model.text.max_length)
+        model_cfg = model_cfg.replace(text=text_cfg.to_dict())
+    else:
+        tokenizer = Tokenizer.train(train.captions, kind="wordpiece", vocab_size=model_cfg.text.vocab_size)
+        model_cfg = model_cfg.replace(text={**model_cfg.text.to_dict(), "vocab_size": tokenizer.vocab_size})
+    model = DualEncoder(model_cfg)
+    if text_state is not None:
+        model.text.load_state_dict(text_state)
+    model.text.requires_grad_(not cfg.train.lock_text)
+    model.vision.requires_grad_(not cfg.train.lock_vision)
+    model.to(device)
+
+    ids, mask = tokenizer.encode(train.captions, max_length=model_cfg.text.max_length)
+    text_cache = _locked_text_features(model, ids, mask, device) if cfg.train.lock_text else None
+    plan = BatchPlan(len(train), cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed)
+
+    def batch_fn(step: int, micro: int):
+        rows = plan(step, micro)
+        batch = {"pixels": train.pixels(rows).to(device)}
+        if text_cache is not None:
+            batch["text_pooled"] = text_cache[rows].to(device)
+        else:
+            width = int(mask[rows].sum(1).max())  # trim padding to the longest caption in the batch
+            batch["ids"], batch["mask"] = ids[rows, :width].to(device), mask[rows, :width].to(device)
+        return batch
+
+    def loss_fn(net, batch):
+        image, text, scale, bias = net(batch["pixels"], batch.get("ids"), batch.get("mask"),
+                                       text_pooled=batch.get("text_pooled"))
+        scale = scale.float()
+        loss = siglip_loss(image, text, scale, bias) if model_cfg.loss == "siglip" else infonce_loss(image, text, scale)
+        return loss, {"logit_scale": scale.item()}
+
+    zero_shot = zero_shot_sets(eval_source, eval_data, transform, cfg.data.eval_size, cfg.data.source_options,
+                               cfg.data.keep_classes)
+
+    def eval_fn(net):
+        return evaluate_dual_encoder(net, tokenizer, eval_data, zero_shot, device=device)
+
+    preprocessor = transform.to_dict()
+    run_config = {**cfg.to_dict(), "model": model_cfg.to_dict()}
+
+    def save_fn(path: Path, state: dict | None):
+        save_checkpoint(path, model, "dual_encoder", model_cfg.to_dict(), tokenizer, preprocessor, state,
+                        extra_files={"metrics.jsonl": out_dir / "metrics.jsonl"})
+        (path / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+
+    trainer = Trainer(model, cfg.train, out_dir, batch_fn, loss_fn, save_fn, eval_fn, device)
+    if distributed.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    if resume:
+        trainer.resume()
+    status = trainer.fit()
+    results: dict[str, float] = {}
+    model_dir = out_dir / "model"
+    if status == "done":
+        results = trainer.evaluate()
+        if distributed.is_main():
+            save_fn(model_dir, None)
+            (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return ClipRun(model_dir, results, status)
+
+
+@torch.no_grad()
+def _locked_text_features(model: DualEncoder, ids: torch.Tensor, mask: torch.Tensor, device) -> torch.Tensor:
+    """A locked text tower maps each caption to a fixed vector: compute each distinct caption once."""
+    rows = {}
+    keys = [tuple(r[: int(m.sum())].tolist()) for r, m in zip(ids, mask)]
+    for key in keys:
+        rows.setdefault(key, len(rows))
+    unique = list(rows)
+    model.text.eval()
+    pooled = []
+    for i in range(0, len(unique), 256):
+        chunk = unique[i: i + 256]
+        width = max(map(len, chunk))
+        u_ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        u_mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for j, key in enumerate(chunk):
+            u_ids[j, : len(key)] = torch.tensor(key)
+            u_mask[j, : len(key)] = 1
+        u_ids, u_mask = u_ids.to(device), u_mask.to(device)
+        pooled.append(model.pool_text(model.text(u_ids, u_mask), u_mask).float().cpu())
+    table = torch.cat(pooled)
+    return table[torch.tensor([rows[k] for k in keys])]

@@ -1,0 +1,218 @@
+"""The training loop shared by every recipe.
+
+It knows nothing of models or data: a recipe hands it a model, a function that builds
+the batch for (step, micro_step), a loss function, an evaluation function and a save
+function. Batches are a pure function of the step, so a resumed run sees exactly the
+data an uninterrupted run would have seen, and reaches the same loss.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from vlmkit.checkpoint import latest_checkpoint, load_trainer_state, load_weights
+from vlmkit.config import TrainConfig
+from vlmkit.training import distributed
+
+LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Linear warmup, then cosine decay to min_lr_ratio of the peak."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, embeddings tables of 1-D shape and the logit scale/bias."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: TrainConfig,
+        out_dir: str | Path,
+        batch_fn: Callable[[int, int], Any],
+        loss_fn: LossFn,
+        save_fn: Callable[[Path, dict | None], None],
+        eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+        device: torch.device | None = None,
+    ):
+        self.model, self.cfg, self.out_dir = model, cfg, Path(out_dir)
+        self.batch_fn, self.loss_fn, self.save_fn, self.eval_fn = batch_fn, loss_fn, save_fn, eval_fn
+        self.device = device or distributed.default_device()
+        self.wrapped = distributed.wrap_model(model)
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=(0.9, cfg.beta2), eps=1e-6)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.step = 0
+        self.stop_requested = False
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+
+    # ---- state -----------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def resume(self) -> bool:
+        """Continue from the newest complete checkpoint under out_dir, if any."""
+        last = latest_checkpoint(self.checkpoint_dir)
+        if last is None:
+            return False
+        state = load_trainer_state(last)
+        if state is None:
+            return False
+        load_weights(self.model, last)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+        self._truncate_metrics(self.step)
+        self.log(f"resumed from {last} at step {self.step}")
+        return True
+
+    def save(self) -> Path | None:
+        if not distributed.is_main():
+            return None
+        path = self.checkpoint_dir / f"step-{self.step:07d}"
+        self.save_fn(path, self.state())
+        old = sorted(p for p in self.checkpoint_dir.glob("step-*") if p.is_dir())[: -self.cfg.keep_checkpoints]
+        for p in old:
+            import shutil
+
+            shutil.rmtree(p, ignore_errors=True)
+        return path
+
+    # ---- logging ---------------------------------------------------------------
+    def log(self, message: str) -> None:
+        if distributed.is_main():
+            tqdm.write(f"[vlmkit] {message}")
+
+    def record(self, entry: dict[str, Any]) -> None:
+        if distributed.is_main():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """After a resume, drop log lines written past the checkpoint so curves don't repeat."""
+        if not self.metrics_path.exists() or not distributed.is_main():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    # ---- the loop --------------------------------------------------------------
+    def _request_stop(self, signum, frame) -> None:
+        self.stop_requested = True
+        self.log(f"signal {signum}: saving a checkpoint after this step")
+
+    def evaluate(self) -> dict[str, float]:
+        if self.eval_fn is None or not distributed.is_main():
+            return {}
+        self.model.eval()
+        with torch.no_grad(), self.autocast():
+            results = self.eval_fn(self.model)
+        self.model.train()
+        self.record({"step": self.step, **{f"eval/{k}": v for k, v in results.items()}})
+        return results
+
+    def autocast(self):
+        if resolve_precision(self.cfg.precision, self.device) == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def fit(self) -> str:
+        """Train to cfg.steps; returns "done" or "interrupted" (a checkpoint was saved)."""
+        cfg = self.cfg
+        handlers = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, self._request_stop)
+        except ValueError:  # not the main thread: signals stay with the caller
+            pass
+        self.model.train()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not distributed.is_main(),
+                   dynamic_ncols=True)
+        started, seen = time.perf_counter(), 0
+        try:
+            while self.step < cfg.steps:
+                logs = self.train_step()
+                self.step += 1
+                seen += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    elapsed = time.perf_counter() - started
+                    self.record({"step": self.step, "lr": self.scheduler.get_last_lr()[0],
+                                 "steps_per_s": seen / max(elapsed, 1e-9), **logs})
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    self.log(f"step {self.step}: {format_metrics(self.evaluate())}")
+                if self.stop_requested:
+                    self.save()
+                    return "interrupted"
+                if self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save()
+        finally:
+            bar.close()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        self.save()
+        return "done"
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        totals: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            batch = self.batch_fn(self.step, micro)
+            with self.autocast():
+                loss, logs = self.loss_fn(self.wrapped, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {self.step}; lower train.lr?")
+            (loss / cfg.grad_accum).backward()
+            for k, v in {"loss": loss.item(), **logs}.items():
+                totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
+        if cfg.clip_grad > 0:
+            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return totals
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def format_metrics(results: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3f}" for k, v in results.items() if isinstance(v, (int, float)))

@@ -1,0 +1,104 @@
+"""The command line and the Python API on a tiny trained model."""
+import json
+
+import numpy as np
+import pytest
+
+import vlmkit
+from vlmkit.cli import main
+from vlmkit.data.sources import build_source
+
+
+@pytest.fixture(scope="module")
+def shapes_images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    source = build_source("shapes", "test", size=6)
+    paths = []
+    for i in range(len(source)):
+        path = folder / f"scene{i}.png"
+        source[i].image.save(path)
+        paths.append(path)
+    return folder, paths, [source[i].caption for i in range(len(source))]
+
+
+def test_presets_lists_every_preset(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("tiny", "shapes", "clip-vit-b32"):
+        assert name in out
+
+
+def test_help_for_every_command(capsys):
+    for argv in (["train", "clip", "--help"], ["eval", "--help"], ["classify", "--help"], ["embed", "--help"],
+                 ["search", "--help"], ["demo", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+    assert "--labels" in capsys.readouterr().out
+
+
+def test_classify(tiny_run, shapes_images, capsys):
+    _, paths, _ = shapes_images
+    assert main(["classify", str(paths[0]), "--model", str(tiny_run.model_dir),
+                 "--labels", "red circle", "blue square", "green cross"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    probs = [float(line.split("%")[0]) for line in lines]
+    assert len(lines) == 3 and abs(sum(probs) - 100) < 0.1 and probs == sorted(probs, reverse=True)
+
+
+def test_embed_writes_arrays(tiny_run, shapes_images, tmp_path):
+    _, paths, captions = shapes_images
+    out = tmp_path / "emb.npz"
+    assert main(["embed", "--model", str(tiny_run.model_dir), "--images", *map(str, paths[:3]),
+                 "--texts", *captions[:2], "--out", str(out)]) == 0
+    arrays = np.load(out)
+    assert arrays["images"].shape == (3, 64) and arrays["texts"].shape == (2, 64)
+    np.testing.assert_allclose(np.linalg.norm(arrays["images"], axis=1), 1.0, rtol=1e-5)
+
+
+def test_search_both_directions(tiny_run, shapes_images, tmp_path, capsys):
+    folder, paths, captions = shapes_images
+    assert main(["search", "--model", str(tiny_run.model_dir), "--query", captions[0], "--folder", str(folder),
+                 "--top-k", "3"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3
+    (tmp_path / "captions.txt").write_text("\n".join(captions))
+    assert main(["search", "--model", str(tiny_run.model_dir), "--image", str(paths[0]),
+                 "--captions", str(tmp_path / "captions.txt")]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 5
+
+
+def test_eval_writes_a_report(tiny_run, tmp_path, capsys):
+    assert main(["eval", str(tiny_run.model_dir), "--size", "50", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert 0 <= results["text_to_image_R@1"] <= 1 and "heldout_combos/top1_accuracy" in results
+    assert "| text_to_image_R@1 |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "clip", "--preset", "tiny", "--set", "train.stepz=3"], "unknown config key 'train.stepz'"),
+    (["train", "clip", "--preset", "nope"], "unknown preset 'nope'"),
+    (["classify", "nothing.png", "--model", "/no/such/dir", "--labels", "a", "b"], "no such checkpoint"),
+])
+def test_bad_input_gives_a_clear_error(argv, message, capsys, tmp_path):
+    assert main(argv + (["--out", str(tmp_path)] if argv[0] == "train" else [])) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_python_api(tiny_run, shapes_images, tmp_path):
+    _, paths, captions = shapes_images
+    model = vlmkit.load(tiny_run.model_dir)
+    best = model.search_images(captions[0], [str(p) for p in paths], top_k=6)
+    assert sorted(i for i, _ in best) == list(range(6))
+    ranked = model.classify(paths[0], ["red circle", "blue square"])
+    assert abs(sum(p for _, p in ranked) - 1) < 1e-5
+    with pytest.raises(ValueError, match="no '\\{\\}'"):
+        model.classify(paths[0], ["a", "b"], templates=["a photo"])
+    with pytest.raises(ValueError, match="non-empty"):
+        model.embed_texts([""])
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    from vlmkit.data.images import ImageDecodeError
+
+    with pytest.raises(ImageDecodeError, match="broken.png"):
+        model.embed_images([str(tmp_path / "broken.png")])
+    long_text = "a red circle " * 500  # overlong: truncated to the model's limit, not an error
+    assert model.embed_texts([long_text]).shape == (1, model.embed_dim)
