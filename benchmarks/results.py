@@ -14,16 +14,17 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent.parent / "docs" / "RESULTS.md"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "RESULTS.md"
 HEADER = "# vlmkit results\n\nEvery figure below is written by a script in `benchmarks/`; rerun it to refresh its section.\n"
 
 
 def _commit() -> str:
     try:
         sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                      cwd=RESULTS.parent, stderr=subprocess.DEVNULL).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--", "src"], text=True,
-                                        cwd=RESULTS.parent).strip()
+                                      cwd=ROOT, stderr=subprocess.DEVNULL).strip()
+        dirty = subprocess.check_output(["git", "status", "--porcelain", "--", "src", "benchmarks"], text=True,
+                                        cwd=ROOT).strip()
         return sha + ("+uncommitted" if dirty else "")
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "unknown"
@@ -38,7 +39,7 @@ def machine() -> str:
 def write_section(name: str, title: str, rows: list[tuple[str, str]], notes: str = "") -> None:
     """Replace section `name` of RESULTS.md with a table of (figure, value) rows."""
     stamp = (f"{datetime.date.today().isoformat()}, commit {_commit()}, torch {torch.__version__}, {machine()}; "
-             f"command: `python {' '.join([Path(sys.argv[0]).as_posix().split('/work/main/')[-1], *sys.argv[1:]])}`")
+             f"command: `python {' '.join([Path(sys.argv[0]).resolve().relative_to(ROOT).as_posix(), *sys.argv[1:]])}`")
     body = [f"<!-- {name}:start -->", f"## {title}", "", stamp, "", "| figure | value |", "|---|---|"]
     body += [f"| {k} | {v} |" for k, v in rows]
     if notes:

@@ -102,3 +102,14 @@ def test_python_api(tiny_run, shapes_images, tmp_path):
         model.embed_images([str(tmp_path / "broken.png")])
     long_text = "a red circle " * 500  # overlong: truncated to the model's limit, not an error
     assert model.embed_texts([long_text]).shape == (1, model.embed_dim)
+
+
+def test_demo_end_to_end_in_a_few_steps(tmp_path, capsys):
+    """The main job wires everything: train, evaluate, pictures, report (quality is the benchmark's job)."""
+    assert main(["demo", "--out", str(tmp_path), "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "REPORT.md" in out and "text_to_image_R@1" in out
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "held-out" in report.lower() or "never seen" in report
+    for name in ("similarity.png", "embedding_map.png", "loss_curve.png", "heldout_0.png"):
+        assert (tmp_path / name).is_file(), name

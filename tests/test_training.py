@@ -27,6 +27,15 @@ def test_tiny_run_learns(tiny_run):
     assert tiny_run.results["heldout_combos/top5_accuracy"] > 5 / 30
 
 
+def test_run_writes_its_pictures(tiny_run):
+    from PIL import Image
+
+    run_dir = tiny_run.model_dir.parent
+    for name in ("similarity.png", "embedding_map.png", "loss_curve.png"):
+        with Image.open(run_dir / name) as im:
+            assert im.size[0] > 200 and im.size[1] > 200, name
+
+
 def test_checkpoint_files_and_reload(tiny_run):
     model_dir = tiny_run.model_dir
     for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor.json", "metrics.jsonl"):

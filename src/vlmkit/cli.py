@@ -67,7 +67,7 @@ def evaluate(model: str, data: str = "shapes", split: str = "test", size: int = 
         model: a vlmkit checkpoint directory.
         data: a built-in source (shapes, fashion_mnist, digits, easy_vqa) or a pairs file/folder.
         split: which split of the source.
-        size: how many examples to evaluate on.
+        size: how many image-caption pairs (with distinct captions) to evaluate retrieval on.
         out: a directory for results.json / results.md (printed only when omitted).
     """
     from vlmkit.data.prepared import prepare
@@ -77,10 +77,11 @@ def evaluate(model: str, data: str = "shapes", split: str = "test", size: int = 
     from vlmkit.inference.api import load
 
     m = load(model)
-    source = build_source(data, split, **({"size": size} if data == "shapes" else {}))
-    pairs = prepare(source, m.transform, limit=size, desc="eval data")
+    # Twice the size, so `size` pairs with distinct captions remain for retrieval.
+    source = build_source(data, split, **({"size": 2 * size} if data == "shapes" else {}))
+    pairs = prepare(source, m.transform, limit=2 * size, desc="eval data")
     sets = zero_shot_sets(source, pairs, m.transform, size)
-    results = evaluate_dual_encoder(m.model, m.tokenizer, pairs, sets, device=m.device)
+    results = evaluate_dual_encoder(m.model, m.tokenizer, pairs, sets, device=m.device, retrieval_size=size)
     if out:
         json_path, md_path = write_report(results, out, "results", f"Evaluation of {model} on {data}/{split}")
         print(f"wrote {json_path} and {md_path}")

@@ -172,11 +172,15 @@ class ImageTransform:
             cw, ch = w * side, h * side
             x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
             box = (x0, y0, x0 + cw, y0 + ch)
-        out = self._resize(img, box)
-        x = torch.from_numpy(np.asarray(out, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        x = torch.from_numpy(np.asarray(self._resize(img, box), dtype=np.float32) / 255.0).permute(2, 0, 1)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
         return ((x - mean) / std).contiguous()
+
+    def resize(self, img: Image.Image) -> Image.Image:
+        """The geometric part alone (eval mode): an RGB image of size x size."""
+        img = _to_rgb(img)
+        return self._resize(img, (0.0, 0.0, float(img.size[0]), float(img.size[1])))
 
     def _resize(self, img: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:
         # Resizing straight from a source box avoids materialising huge intermediates

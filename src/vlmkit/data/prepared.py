@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -32,10 +33,28 @@ class PreparedPairs:
     def __len__(self) -> int:
         return len(self.captions)
 
+    def take(self, rows: torch.Tensor) -> "PreparedPairs":
+        """The given rows, in the given order."""
+        captions = [self.captions[i] for i in rows.tolist()]
+        return PreparedPairs(self.images[rows], captions, self.labels[rows], self.mean, self.std, self.skipped)
+
     def subset(self, mask: torch.Tensor) -> "PreparedPairs":
         """The rows where the boolean `mask` is true."""
-        captions = [c for c, keep in zip(self.captions, mask.tolist()) if keep]
-        return PreparedPairs(self.images[mask], captions, self.labels[mask], self.mean, self.std, self.skipped)
+        return self.take(mask.nonzero().flatten())
+
+    def distinct_captions(self, limit: int | None = None) -> "PreparedPairs":
+        """The first row of each distinct caption (up to `limit` rows).
+
+        Retrieval is measured on these: two images with the same caption are the same
+        text query, so keeping both would make R@1 unreachable by design.
+        """
+        seen: set[str] = set()
+        rows = []
+        for i, caption in enumerate(self.captions):
+            if caption not in seen:
+                seen.add(caption)
+                rows.append(i)
+        return self.take(torch.tensor(rows[:limit], dtype=torch.long))
 
     def pixels(self, index: torch.Tensor | slice) -> torch.Tensor:
         """Normalised float pixels [B, 3, S, S] for the given rows."""
@@ -57,8 +76,7 @@ class _Decoded(Dataset):
             ex = self.source[i]
         except (ImageDecodeError, FileNotFoundError) as e:
             return None, str(e)
-        x = self.transform(ex.image)  # [3, S, S] in [0, 1]: the transform has mean 0, std 1
-        pixels = x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+        pixels = torch.from_numpy(np.asarray(self.transform.resize(ex.image)).copy()).permute(2, 0, 1)  # uint8
         return (pixels, ex.caption, -1 if ex.label is None else int(ex.label)), None
 
 
@@ -82,8 +100,7 @@ def prepare(
     count = len(source) if limit is None else min(limit, len(source))
     if count == 0:
         raise DataError(f"data source {source.name!r} is empty")
-    raw = ImageTransform(**{**transform.to_dict(), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)})
-    loader = DataLoader(_Decoded(source, raw, count), batch_size=256, num_workers=num_workers, collate_fn=_collate)
+    loader = DataLoader(_Decoded(source, transform, count), batch_size=256, num_workers=num_workers, collate_fn=_collate)
     images, captions, labels, errors = [], [], [], []
     with tqdm(total=count, desc=desc, unit="img", leave=False) as bar:
         for batch in loader:

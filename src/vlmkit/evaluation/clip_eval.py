@@ -60,10 +60,13 @@ def encode_texts(model, tokenizer, texts: list[str], batch_size: int = 256,
 
 
 def evaluate_dual_encoder(model, tokenizer, pairs: PreparedPairs | None, zero_shot: list[ZeroShotSet] = (),
-                          device: str | torch.device = "cpu") -> dict[str, float]:
-    """Retrieval R@K on `pairs` (row i image <-> row i caption) and top-1/top-5 per zero-shot set."""
+                          device: str | torch.device = "cpu", retrieval_size: int | None = None) -> dict[str, float]:
+    """Retrieval R@K on up to `retrieval_size` pairs with distinct captions (row i image <-> row i
+    caption), and top-1/top-5 accuracy per zero-shot set."""
     results: dict[str, float] = {}
     if pairs is not None:
+        pairs = pairs.distinct_captions(retrieval_size)
+        results["retrieval_pairs"] = float(len(pairs))
         image = encode_images(model, pairs, device=device)
         text = encode_texts(model, tokenizer, pairs.captions, device=device)
         results.update(retrieval_metrics(image, text))

@@ -23,7 +23,9 @@ class VisionTransformer(nn.Module):
                                      bias=cfg.patch_bias)
         self.prefix = 1 if cfg.class_token else 0
         self.class_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.class_token else None
-        self.pos_embed = nn.Parameter(torch.randn(1, self.prefix + cfg.grid**2, cfg.width) * 0.02)
+        # Learned, but started from 2-D sin-cos values (as MAE does): the position signal is
+        # then as strong as the content from step 0, and small models learn "where" much faster.
+        self.pos_embed = nn.Parameter(sincos_2d(cfg.grid, cfg.width, self.prefix))
         self.norm_pre = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.norm_pre else nn.Identity()
         self.blocks = nn.ModuleList(
             Block(cfg.width, cfg.heads, cfg.mlp_dim, cfg.act, cfg.norm_eps, pre_norm=True) for _ in range(cfg.depth)
@@ -63,6 +65,21 @@ class VisionTransformer(nn.Module):
         for block in self.blocks[:stop]:
             x = block(x)
         return self.norm(x) if layer is None else x
+
+
+def sincos_2d(grid: int, width: int, prefix: int = 0) -> torch.Tensor:
+    """[1, prefix + grid*grid, width]: half the channels encode the row, half the column."""
+    quarter = width // 4
+    freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    coords = torch.arange(grid, dtype=torch.float32)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    parts = []
+    for c in (rows.flatten(), cols.flatten()):
+        angles = c[:, None] * freqs[None, :]  # [grid*grid, quarter]
+        parts += [angles.sin(), angles.cos()]
+    table = torch.cat(parts, dim=1)
+    table = torch.cat([table, torch.zeros(grid * grid, width - table.shape[1])], dim=1)  # width % 4 leftovers
+    return torch.cat([torch.zeros(prefix, width), table])[None]
 
 
 def _init_weights(module: nn.Module) -> None:

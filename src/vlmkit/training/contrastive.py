@@ -23,6 +23,7 @@ from vlmkit.losses import infonce_loss, siglip_loss
 from vlmkit.models.dual_encoder import DualEncoder
 from vlmkit.training import distributed
 from vlmkit.training.trainer import Trainer
+from vlmkit.viz.run_pictures import draw_dual_encoder_run
 
 
 @dataclass
@@ -79,8 +80,9 @@ def train_clip(cfg: ClipRunConfig, out_dir: str | Path, resume: bool = True) -> 
         if not keep:
             raise ValueError(f"data.keep_classes {cfg.data.keep_classes} matches none of {train_source.classes}")
         train = train.subset(torch.isin(train.labels, torch.tensor(keep)))
-    eval_source = _source(cfg, cfg.data.eval_split, cfg.data.eval_size)
-    eval_data = prepare(eval_source, transform, limit=cfg.data.eval_size if cfg.data.source != "shapes" else None,
+    # Generated sources repeat captions now and then: draw extra so `eval_size` distinct ones remain.
+    eval_source = _source(cfg, cfg.data.eval_split, 2 * cfg.data.eval_size)
+    eval_data = prepare(eval_source, transform, limit=2 * cfg.data.eval_size,
                         max_bad_fraction=cfg.data.max_bad_fraction, desc="eval data")
     if train.skipped:
         print(f"[vlmkit] skipped {train.skipped} unreadable training images")
@@ -128,7 +130,8 @@ def train_clip(cfg: ClipRunConfig, out_dir: str | Path, resume: bool = True) -> 
                                cfg.data.keep_classes)
 
     def eval_fn(net):
-        return evaluate_dual_encoder(net, tokenizer, eval_data, zero_shot, device=device)
+        return evaluate_dual_encoder(net, tokenizer, eval_data, zero_shot, device=device,
+                                     retrieval_size=cfg.data.eval_size)
 
     preprocessor = transform.to_dict()
     run_config = {**cfg.to_dict(), "model": model_cfg.to_dict()}
@@ -152,6 +155,11 @@ def train_clip(cfg: ClipRunConfig, out_dir: str | Path, resume: bool = True) -> 
         if distributed.is_main():
             save_fn(model_dir, None)
             (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            model.eval()
+            with torch.no_grad():
+                pictures = draw_dual_encoder_run(model, tokenizer, eval_data, out_dir, eval_source.classes,
+                                                 device=device)
+            print("[vlmkit] pictures: " + ", ".join(str(p) for p in pictures.values()))
     return ClipRun(model_dir, results, status)
 
 
