@@ -1,15 +1,15 @@
 """Stage 1 quality floors: train each preset from scratch, evaluate on held-out data, write RESULTS.md.
 
-    python benchmarks/stage1_quality.py                 # all three tasks (about 35 min on 2 CPU cores)
-    python benchmarks/stage1_quality.py --tasks shapes  # one of: shapes fashion-mnist lit
+    python benchmarks/stage1_quality.py                 # every task (about 30 min on 2 CPU cores)
+    python benchmarks/stage1_quality.py --tasks shapes  # one of: shapes fashion-mnist lit lit-heldout
 
 Tasks:
   shapes         the demo preset; text<->image R@1 on 1,000 held-out pairs and zero-shot accuracy on
                  colour-shape pairs never seen in training (30-way)
   fashion-mnist  contrastive training on the 60k train split with template captions; zero-shot top-1
                  on the 10k test images from class-name prompts (no classifier head)
-  lit            the same with the real all-MiniLM-L6-v2 text tower locked, trained on 8 classes only:
-                 accuracy on all 10 classes, and on the 2 classes whose names training never saw
+  lit            the same with the real all-MiniLM-L6-v2 text tower locked (LiT)
+  lit-heldout    LiT trained on 8 classes only: accuracy on the 2 classes whose names training never saw
 """
 from __future__ import annotations
 
@@ -66,23 +66,36 @@ def fashion_mnist(out: Path) -> None:
 
 def lit(out: Path) -> None:
     cfg = preset("fashion-mnist-lit")
+    r, minutes = _train("lit", cfg, out)
+    write_section("stage1-lit", "Stage 1: LiT with the real all-MiniLM-L6-v2 text tower, locked (preset `fashion-mnist-lit`)", [
+        ("fashion-mnist LiT zero-shot top-1 (10,000 test images)", f"{r['zero_shot/top1_accuracy']:.3f}"),
+        ("fashion-mnist LiT zero-shot top-5", f"{r['zero_shot/top5_accuracy']:.3f}"),
+        ("training steps x batch", f"{cfg.train.steps} x {cfg.train.batch_size}"),
+        ("wall time, data + training + evaluation (min)", f"{minutes:.1f}"),
+    ], notes="Only the image tower and the two projections train; the text tower's outputs for each distinct "
+             "caption are computed once and cached.")
+
+
+def lit_heldout(out: Path) -> None:
     from vlmkit.data.sources.fashion_mnist import CLASSES
 
     keep = [c for c in CLASSES if c not in HELD_OUT_CLASSES]
-    cfg = cfg.override({"data.keep_classes": keep})
-    r, minutes = _train("lit", cfg, out)
-    write_section("stage1-lit", "Stage 1: LiT with the real all-MiniLM-L6-v2 text tower, locked (preset `fashion-mnist-lit`)", [
-        ("fashion-mnist LiT zero-shot top-1, all 10 classes (10,000 test images)", f"{r['zero_shot/top1_accuracy']:.3f}"),
-        (f"fashion-mnist LiT zero-shot top-1 on held-out classes {HELD_OUT_CLASSES} (10-way; chance 0.10)",
-         f"{r['unseen_classes/top1_accuracy']:.3f}"),
-        ("fashion-mnist LiT zero-shot top-5 on held-out classes", f"{r['unseen_classes/top5_accuracy']:.3f}"),
+    cfg = preset("fashion-mnist-lit").override({"data.keep_classes": keep})
+    r, minutes = _train("lit-heldout", cfg, out)
+    write_section("stage1-lit-heldout", f"Stage 1: LiT, classes {HELD_OUT_CLASSES} held out of training entirely", [
+        ("fashion-mnist LiT held-out classes, 10-way top-1 (chance 0.10)", f"{r['unseen_classes/top1_accuracy']:.3f}"),
+        ("fashion-mnist LiT held-out classes, 10-way top-5 (chance 0.50)", f"{r['unseen_classes/top5_accuracy']:.3f}"),
+        (f"fashion-mnist LiT held-out classes, 2-way among {HELD_OUT_CLASSES} (chance 0.50)",
+         f"{r['unseen_only/top1_accuracy']:.3f}"),
+        ("fashion-mnist LiT seen classes, 10-way top-1", f"{r['seen_classes/top1_accuracy']:.3f}"),
         ("training steps x batch (8 training classes)", f"{cfg.train.steps} x {cfg.train.batch_size}"),
         ("wall time, data + training + evaluation (min)", f"{minutes:.1f}"),
-    ], notes=f"Training never pairs an image with the names {HELD_OUT_CLASSES}; their images are classified "
-             "only through the pretrained text tower's embedding of the class name.")
+    ], notes=f"Training never pairs an image with the names {HELD_OUT_CLASSES}; their images can only be "
+             "named through the pretrained text tower. The 10-way figure is the generalised zero-shot "
+             "protocol (seen classes compete), the 2-way one the conventional one.")
 
 
-TASKS = {"shapes": shapes, "fashion-mnist": fashion_mnist, "lit": lit}
+TASKS = {"shapes": shapes, "fashion-mnist": fashion_mnist, "lit": lit, "lit-heldout": lit_heldout}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

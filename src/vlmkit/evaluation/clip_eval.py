@@ -37,8 +37,11 @@ def zero_shot_sets(source, data: PreparedPairs, transform, size: int, source_opt
         sets.append(ZeroShotSet("zero_shot", data, source.classes, source.templates))
         if keep_classes:  # classes whose names training never paired with an image
             unseen = [i for i, c in enumerate(source.classes) if c not in keep_classes]
-            sets.append(ZeroShotSet("unseen_classes", data.subset(torch.isin(data.labels, torch.tensor(unseen))),
-                                    source.classes, source.templates))
+            is_unseen = torch.isin(data.labels, torch.tensor(unseen))
+            unseen_data = data.subset(is_unseen)
+            sets += [ZeroShotSet("unseen_classes", unseen_data, source.classes, source.templates),  # all compete
+                     ZeroShotSet("unseen_only", unseen_data, source.classes, source.templates, unseen),
+                     ZeroShotSet("seen_classes", data.subset(~is_unseen), source.classes, source.templates)]
     return sets
 
 
