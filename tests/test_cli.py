@@ -68,7 +68,7 @@ def test_search_both_directions(tiny_run, shapes_images, tmp_path, capsys):
 
 
 def test_eval_writes_a_report(tiny_run, tmp_path, capsys):
-    assert main(["eval", str(tiny_run.model_dir), "--size", "50", "--out", str(tmp_path)]) == 0
+    assert main(["eval", "--model", str(tiny_run.model_dir), "--size", "50", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert 0 <= results["text_to_image_R@1"] <= 1 and "heldout_combos/top1_accuracy" in results
     assert "| text_to_image_R@1 |" in (tmp_path / "results.md").read_text()

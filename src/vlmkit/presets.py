@@ -10,13 +10,14 @@ def _tiny() -> dict:
     """Seconds on a CPU: for tests."""
     return {
         "model": {
-            "vision": {"image_size": 32, "patch_size": 8, "width": 64, "depth": 2, "heads": 4, "mlp_dim": 128},
+            "vision": {"image_size": 48, "patch_size": 16, "width": 64, "depth": 2, "heads": 4, "mlp_dim": 128},
             "text": {"vocab_size": 400, "width": 64, "depth": 2, "heads": 4, "mlp_dim": 128,
                      "max_positions": 64, "max_length": 32},
             "embed_dim": 64,
+            "vision_pool": "cls",
         },
-        "data": {"source": "shapes", "train_size": 2000, "eval_size": 200},
-        "train": {"steps": 60, "batch_size": 64, "lr": 2e-3, "warmup_steps": 10, "save_every": 30,
+        "data": {"source": "shapes", "train_size": 2000, "eval_size": 200, "source_options": {"image_size": 48}},
+        "train": {"steps": 150, "batch_size": 64, "lr": 3e-3, "warmup_steps": 10, "save_every": 75,
                   "log_every": 5},
     }
 
@@ -32,7 +33,7 @@ def _shapes() -> dict:
             "embed_dim": 128,
             "vision_pool": "cls",
         },
-        "data": {"source": "shapes", "train_size": 60000, "eval_size": 1000},
+        "data": {"source": "shapes", "train_size": 60000, "eval_size": 1000, "source_options": {"image_size": 48}},
         "train": {"steps": 800, "batch_size": 256, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.05,
                   "save_every": 200, "eval_every": 400},
     }

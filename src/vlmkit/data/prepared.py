@@ -6,6 +6,7 @@ no per-step decoding, no worker processes fighting the model for the CPU.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,7 +103,7 @@ def prepare(
         raise DataError(f"data source {source.name!r} is empty")
     loader = DataLoader(_Decoded(source, transform, count), batch_size=256, num_workers=num_workers, collate_fn=_collate)
     images, captions, labels, errors = [], [], [], []
-    with tqdm(total=count, desc=desc, unit="img", leave=False) as bar:
+    with tqdm(total=count, desc=desc, unit="img", leave=False, mininterval=0.1 if sys.stderr.isatty() else 30) as bar:
         for batch in loader:
             for item, error in batch:
                 if item is None:

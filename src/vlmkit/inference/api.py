@@ -65,8 +65,8 @@ class DualEncoderModel:
         if bad:
             raise ValueError(f"template {bad[0]!r} has no '{{}}' where the label goes")
         classifier = build_classifier(self.embed_texts, labels, templates)
-        scale, _ = self.model.scale_and_bias()
-        probs = (float(scale) * self.embed_images([image]) @ classifier.T).softmax(-1)[0]
+        scale = self.model.scale_and_bias()[0].item()
+        probs = (scale * self.embed_images([image]) @ classifier.T).softmax(-1)[0]
         return sorted(zip(labels, probs.tolist()), key=lambda p: -p[1])
 
     def rank(self, query: torch.Tensor, candidates: torch.Tensor, top_k: int) -> list[tuple[int, float]]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -104,8 +106,6 @@ class Trainer:
         self.save_fn(path, self.state())
         old = sorted(p for p in self.checkpoint_dir.glob("step-*") if p.is_dir())[: -self.cfg.keep_checkpoints]
         for p in old:
-            import shutil
-
             shutil.rmtree(p, ignore_errors=True)
         return path
 
@@ -159,7 +159,7 @@ class Trainer:
             pass
         self.model.train()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not distributed.is_main(),
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)  # logs stay short
         started, seen = time.perf_counter(), 0
         try:
             while self.step < cfg.steps:
