@@ -247,7 +247,7 @@ class TrainConfig(Config):
     beta2: float = 0.98
     clip_grad: float = 1.0
     # "auto": bf16 autocast on a GPU that supports it, fp32 elsewhere (CPUs without native
-    # bf16 matrix units run bf16 through slow emulation: ~60x slower on this project's CI).
+    # bf16 matrix units, like this project's CI machines, run bf16 through slow emulation).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
     log_every: int = 10

@@ -167,7 +167,7 @@ class Trainer:
                 self.step += 1
                 seen += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     elapsed = time.perf_counter() - started
                     self.record({"step": self.step, "lr": self.scheduler.get_last_lr()[0],

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from PIL import Image
 
 
@@ -33,3 +35,25 @@ class Source:
 
     def __getitem__(self, index: int) -> Example:
         raise NotImplementedError
+
+
+class LabelledArrays(Source):
+    """A source held as uint8 arrays with class labels and one caption template per example.
+
+    Subclasses set `images` [N, H, W], `labels` [N], `indices` (position in the original
+    split) and `template_ids` [N] (which of `templates` captions each example).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+    template_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> Example:
+        label = int(self.labels[index])
+        caption = self.templates[self.template_ids[index]].format(self.classes[label])
+        image = Image.fromarray(self.images[index]).convert("RGB")
+        return Example(image, caption, label, {"index": int(self.indices[index])})

@@ -4,9 +4,8 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from PIL import Image
 
-from .base import Example, Source
+from .base import LabelledArrays
 
 CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEMPLATES = ["a handwritten digit {}.", "a photo of the number {}.", "a blurry picture of the digit {}.",
@@ -24,7 +23,7 @@ def _load() -> tuple[np.ndarray, np.ndarray]:
     return images, d.target.astype(np.int64)
 
 
-class Digits(Source):
+class Digits(LabelledArrays):
     """1797 8x8 greyscale digits (as RGB; the transform resizes), captioned by template."""
 
     name = "digits"
@@ -42,13 +41,5 @@ class Digits(Source):
         self.split, self.seed = split, seed
         # Caption template per original index, like FashionMNIST.
         template_ids = np.random.default_rng(seed).integers(len(TEMPLATES), size=len(labels))
-        self._template_ids = template_ids[self.indices]
+        self.template_ids = template_ids[self.indices]
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> Example:
-        label = int(self.labels[index])
-        caption = TEMPLATES[self._template_ids[index]].format(CLASSES[label])
-        image = Image.fromarray(self.images[index]).convert("RGB")
-        return Example(image, caption, label, {"index": int(self.indices[index])})

@@ -11,9 +11,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from .base import Example, Source
+from .base import LabelledArrays
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 ROOT_ENV = "VLMKIT_FASHION_MNIST"
@@ -72,7 +71,7 @@ def _load(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]
     return images, labels  # read-only views (np.frombuffer), safe to share from the cache
 
 
-class FashionMNIST(Source):
+class FashionMNIST(LabelledArrays):
     """28x28 greyscale clothing images (as RGB) with captions like "a photo of the coat."."""
 
     name = "fashion_mnist"
@@ -93,7 +92,7 @@ class FashionMNIST(Source):
         template_ids = np.random.default_rng([seed, split_id]).integers(len(TEMPLATES), size=len(labels))
         if keep_classes is None:
             self.indices = np.arange(len(labels))
-            self.images, self.labels, self._template_ids = images, labels, template_ids
+            self.images, self.labels, self.template_ids = images, labels, template_ids
         else:
             unknown = [c for c in keep_classes if c not in CLASSES]
             if unknown:
@@ -102,13 +101,5 @@ class FashionMNIST(Source):
             # Labels keep the full 10-class indexing; only the examples are restricted.
             self.indices = np.flatnonzero(np.isin(labels, keep))
             self.images, self.labels = images[self.indices], labels[self.indices]
-            self._template_ids = template_ids[self.indices]
+            self.template_ids = template_ids[self.indices]
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> Example:
-        label = int(self.labels[index])
-        caption = TEMPLATES[self._template_ids[index]].format(CLASSES[label])
-        image = Image.fromarray(self.images[index]).convert("RGB")
-        return Example(image, caption, label, {"index": int(self.indices[index])})
