@@ -216,7 +216,8 @@ def _add_command(subparsers, name: str, fn: Callable) -> None:
         else:
             kwargs.update(type=hint)
         if param.default is inspect.Parameter.empty:
-            if position == 0 and pname != "model":  # the command's object (an image) reads best bare; models are --model everywhere
+            # The command's object (an image) reads best bare; a model is --model everywhere.
+            if position == 0 and pname != "model":
                 parser.add_argument(pname, metavar=pname.upper(), **kwargs)
             else:
                 parser.add_argument(f"--{pname.replace('_', '-')}", dest=pname, required=True, **kwargs)
