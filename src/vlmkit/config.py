@@ -218,7 +218,7 @@ class DataConfig(Config):
     source: str = "shapes"                 # a built-in source name or a path to your pairs
     train_split: str = "train"
     eval_split: str = "test"
-    train_size: int | None = None          # built-in generators: how many examples to make
+    train_size: int | None = None          # use at most this many training pairs (generators: make this many)
     eval_size: int = 1000
     source_options: dict = field(default_factory=dict)  # extra keyword arguments for the source
     keep_classes: list[str] | None = None  # train only on these classes (held-out-class tests)

@@ -74,7 +74,8 @@ def train_clip(cfg: ClipRunConfig, out_dir: str | Path, resume: bool = True) -> 
 
     # ---- data
     train_source = _source(cfg, cfg.data.train_split, cfg.data.train_size)
-    train = prepare(train_source, transform, max_bad_fraction=cfg.data.max_bad_fraction, desc="train data")
+    train = prepare(train_source, transform, limit=cfg.data.train_size, max_bad_fraction=cfg.data.max_bad_fraction,
+                    desc="train data")
     if cfg.data.keep_classes is not None:
         keep = [i for i, c in enumerate(train_source.classes or []) if c in cfg.data.keep_classes]
         if not keep:
