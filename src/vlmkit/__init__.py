@@ -1,11 +1,13 @@
 """vlmkit: build, train, evaluate and serve vision-language models.
 
     import vlmkit
-    model = vlmkit.load("runs/demo/model")
-    model.classify("cat.png", ["cat", "dog"])
+    clip = vlmkit.load("runs/demo/stage1/model")      # Stage 1: a dual encoder
+    clip.classify("cat.png", ["cat", "dog"])
+    vlm = vlmkit.load("runs/demo/stage2/model")       # Stage 2: a generative VLM
+    vlm.ask("shapes.png", "What colour is the circle?")
 """
 from vlmkit.inference.api import load
-from vlmkit.presets import preset
+from vlmkit.presets import preset, vlm_preset
 
-__version__ = "0.1.0"
-__all__ = ["load", "preset", "__version__"]
+__version__ = "0.2.0"
+__all__ = ["load", "preset", "vlm_preset", "__version__"]

@@ -56,7 +56,7 @@ def save_checkpoint(
     tmp.mkdir()
     config = {"format_version": FORMAT_VERSION, "kind": kind, "model": model_config}
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().contiguous().cpu() for k, v in unique_state_dict(model).items()}
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(tmp)
@@ -106,7 +106,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
         state = load_file(str(file))
     except Exception as e:  # safetensors raises its own error types for a damaged header
         raise CheckpointError(f"{file}: unreadable weights ({e})") from None
-    expected = model.state_dict()
+    expected = unique_state_dict(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -114,7 +114,22 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
             raise CheckpointError(f"{file}: {key} has shape {list(tensor.shape)}, model expects {list(expected[key].shape)}")
-    model.load_state_dict(state)
+    # Not strict: tied aliases (lm_head = embed) are absent from the file on purpose; the
+    # key check above already covered every real tensor.
+    model.load_state_dict(state, strict=False)
+
+
+def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without aliases: a tied tensor (an LM head sharing the embedding) once."""
+    seen: set[tuple[int, int]] = set()
+    unique = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        ident = (tensor.data_ptr(), tensor.numel())
+        if tensor.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        unique[key] = tensor.detach()
+    return unique
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any] | None:
@@ -144,7 +159,12 @@ def build_model(kind: str, model_config: dict[str, Any]) -> torch.nn.Module:
         from vlmkit.models.dual_encoder import DualEncoder
 
         return DualEncoder(DualEncoderConfig.from_dict(model_config, "config.json model"))
-    raise ConfigError(f"unknown model kind {kind!r}; known kinds: dual_encoder")
+    if kind == "vlm":
+        from vlmkit.config import VLMConfig
+        from vlmkit.models.vlm import VisionLanguageModel
+
+        return VisionLanguageModel(VLMConfig.from_dict(model_config, "config.json model"))
+    raise ConfigError(f"unknown model kind {kind!r}; known kinds: dual_encoder, vlm")
 
 
 def load_model(path: str | Path) -> torch.nn.Module:

@@ -19,11 +19,13 @@ from typing import Callable, Literal
 
 
 def presets() -> None:
-    """List the named presets."""
-    from vlmkit.presets import describe_presets
+    """List the named presets (Stage 1: train clip; Stage 2: train vlm)."""
+    from vlmkit.presets import describe_presets, describe_vlm_presets
 
-    for name, doc in describe_presets():
-        print(f"{name:20s} {doc}")
+    for title, rows in (("train clip --preset", describe_presets()), ("train vlm --preset", describe_vlm_presets())):
+        print(f"{title}:")
+        for name, doc in rows:
+            print(f"  {name:18s} {doc.splitlines()[0] if doc else ''}")
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -58,6 +60,217 @@ def train_clip(preset: str = "shapes", out: str = "runs/clip", config: str | Non
     cfg = cfg.override(_parse_overrides(set or []))
     result = run(cfg, out, resume=resume)
     print(json.dumps({"status": result.status, "model": str(result.model_dir), **result.results}, indent=2))
+
+
+def train_vlm(preset: str = "shapes", out: str = "runs/vlm", vision_init: str | None = None,
+              config: str | None = None, set: list[str] | None = None, resume: bool = True) -> None:
+    """Train a generative VLM (Stage 2: projector + decoder LM, align then instruct phases).
+
+    Args:
+        preset: a named Stage 2 preset (see `vlmkit presets`).
+        out: the run directory (align/, instruct/, model/, eval.md, answers.jsonl).
+        vision_init: a Stage 1 checkpoint whose vision tower to start from.
+        config: a JSON run config to use instead of the preset.
+        set: overrides as dotted key=value, e.g. instruct.train.steps=500 lm_init=smollm2.
+        resume: continue from the newest checkpoint in `out` if there is one.
+    """
+    from vlmkit.config import VlmRunConfig
+    from vlmkit.presets import vlm_preset
+    from vlmkit.training.instruct import train_vlm as run
+
+    cfg = VlmRunConfig.load(config) if config else vlm_preset(preset)
+    overrides = _parse_overrides(set or [])
+    if vision_init:
+        overrides["vision_init"] = vision_init
+    result = run(cfg.override(overrides), out, resume=resume)
+    print(json.dumps({"status": result.status, "model": str(result.model_dir), **result.results}, indent=2))
+
+
+def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int) -> dict:
+    return {"max_new_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+
+
+def caption(image: str, model: str, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+            seed: int = 0, heatmap: str | None = None) -> None:
+    """Describe an image in one sentence (alt text).
+
+    Args:
+        image: an image file.
+        model: a Stage 2 checkpoint directory.
+        max_tokens: the most tokens to generate.
+        temperature: 0 for greedy decoding; higher samples more freely.
+        top_p: nucleus sampling threshold.
+        seed: sampling seed.
+        heatmap: write a PNG of where each word looked in the image.
+    """
+    from vlmkit.inference.api import load
+
+    m = _assistant(load(model))
+    text = m.caption(image, **_sampling(max_tokens, temperature, top_p, seed))
+    print(text)
+    if heatmap:
+        from vlmkit.inference.assistant import CAPTION_PROMPT
+
+        print(f"wrote {m.explain(image, CAPTION_PROMPT, heatmap, answer=text)}", file=sys.stderr)
+
+
+def ask(image: str, question: str, model: str, max_tokens: int = 64, temperature: float = 0.0,
+        top_p: float = 1.0, seed: int = 0, heatmap: str | None = None) -> None:
+    """Answer a question about an image.
+
+    Args:
+        image: an image file.
+        question: the question, e.g. "what colour is the circle?".
+        model: a Stage 2 checkpoint directory.
+        max_tokens: the most tokens to generate.
+        temperature: 0 for greedy decoding; higher samples more freely.
+        top_p: nucleus sampling threshold.
+        seed: sampling seed.
+        heatmap: write a PNG of where each answer token looked in the image.
+    """
+    from vlmkit.inference.api import load
+
+    m = _assistant(load(model))
+    answer = m.ask(image, question, **_sampling(max_tokens, temperature, top_p, seed))
+    print(answer)
+    if heatmap:
+        print(f"wrote {m.explain(image, question, heatmap, answer=answer)}", file=sys.stderr)
+
+
+def chat(model: str, image: str | None = None, max_tokens: int = 256, temperature: float = 0.0,
+         top_p: float = 1.0, seed: int = 0) -> None:
+    """Talk with a model about images, streaming its replies (/image PATH, /reset, /quit).
+
+    Args:
+        model: a Stage 2 checkpoint directory.
+        image: an image to start the conversation with.
+        max_tokens: the most tokens per reply.
+        temperature: 0 for greedy decoding; higher samples more freely.
+        top_p: nucleus sampling threshold.
+        seed: sampling seed.
+    """
+    from vlmkit.inference.api import load
+    from vlmkit.inference.chat_session import ChatSession
+
+    session = ChatSession(_assistant(load(model)), **_sampling(max_tokens, temperature, top_p, seed))
+    if image:
+        session.attach(image)
+        print(f"(image attached: {image})")
+    print("Type a message; /image PATH attaches an image, /reset starts over, /quit leaves.")
+    for line in sys.stdin if not sys.stdin.isatty() else iter(lambda: input("you> "), None):
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            session.reset()
+            print("(conversation cleared)")
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            try:
+                session.attach(path)
+                print(f"(image attached: {path})")
+            except (ValueError, OSError) as e:
+                print(f"(could not attach {path!r}: {e})")
+            continue
+        try:
+            print("assistant> ", end="", flush=True)
+            for piece in session.send(line):
+                print(piece, end="", flush=True)
+            print()
+        except ValueError as e:  # an overlong conversation or a bad image: say so and keep going
+            print(f"\n(error: {e})")
+
+
+def _assistant(m):
+    from vlmkit.inference.assistant import VisionLanguageAssistant
+
+    if not isinstance(m, VisionLanguageAssistant):
+        raise ValueError("this command needs a Stage 2 (vlm) checkpoint; a Stage 1 model can classify, "
+                         "embed and search")
+    return m
+
+
+def _eval_vlm(kinds: tuple[str, ...] | None, name: str, model: str, data: str, split: str, size: int,
+              out: str | None) -> dict:
+    from vlmkit.config import VlmDataConfig
+    from vlmkit.data.vqa_sets import build_set
+    from vlmkit.evaluation.report import write_report
+    from vlmkit.evaluation.vlm_eval import evaluate_vlm
+    from vlmkit.inference.api import load
+
+    m = _assistant(load(model))
+    options = {"image_size": m.transform.size} if data == "shapes" else {}
+    cfg = VlmDataConfig(source=data, source_options=options, eval_size=size)
+    conversations = build_set(cfg, split, size, m.transform).only(list(kinds) if kinds else None)
+    results, records = evaluate_vlm(m.model, m.tokenizer, conversations)
+    keep = ("vqa", "yes_no") if name == "vqa" else (name,)
+    results = {k: v for k, v in results.items() if k in keep}
+    if out:
+        json_path, md_path = write_report(results, out, name, f"{name} evaluation of {model} on {data}/{split}")
+        with open(Path(out) / f"{name}_answers.jsonl", "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        print(f"wrote {json_path} and {md_path}")
+    print(json.dumps(results, indent=2))
+    return results
+
+
+def eval_vqa(model: str, data: str = "shapes", split: str = "test", size: int = 300, out: str | None = None) -> None:
+    """VQA exact-match accuracy, overall and per question kind.
+
+    Args:
+        model: a Stage 2 checkpoint directory.
+        data: shapes, easy_vqa, or a LLaVA .json/.jsonl file.
+        split: which split (shapes: train/test/heldout; easy_vqa: train/test).
+        size: how many images to ask about.
+        out: a directory for vqa.json / vqa.md / vqa_answers.jsonl.
+    """
+    from vlmkit.evaluation.vlm_eval import SHORT_ANSWER_KINDS
+
+    _eval_vlm(SHORT_ANSWER_KINDS + ("chat",), "vqa", model, data, split, size, out)
+
+
+def eval_caption(model: str, data: str = "shapes", split: str = "test", size: int = 300, out: str | None = None) -> None:
+    """Caption quality: BLEU-1..4 and CIDEr against the reference captions.
+
+    Args:
+        model: a Stage 2 checkpoint directory.
+        data: shapes (the only built-in set with captions) or a LLaVA file of caption conversations.
+        split: which split.
+        size: how many images.
+        out: a directory for caption.json / caption.md.
+    """
+    _eval_vlm(("caption",), "caption", model, data, split, size, out)
+
+
+def eval_pope(model: str, data: str = "shapes", split: str = "test", size: int = 500, out: str | None = None) -> None:
+    """POPE-style hallucination probes ("is there a X?"): accuracy, precision, recall, F1, yes-ratio.
+
+    Args:
+        model: a Stage 2 checkpoint directory.
+        data: shapes.
+        split: which split.
+        size: how many images (one balanced probe each).
+        out: a directory for pope.json / pope.md.
+    """
+    _eval_vlm(("exists",), "pope", model, data, split, size, out)
+
+
+def eval_grounding(model: str, data: str = "shapes", split: str = "test", size: int = 300,
+                   out: str | None = None) -> None:
+    """Grounding: the box the model gives for "where is X?", scored as accuracy at IoU >= 0.5.
+
+    Args:
+        model: a Stage 2 checkpoint directory.
+        data: shapes.
+        split: which split.
+        size: how many images.
+        out: a directory for grounding.json / grounding.md.
+    """
+    _eval_vlm(("grounding",), "grounding", model, data, split, size, out)
 
 
 def evaluate(model: str, data: str = "shapes", split: str = "test", size: int = 1000, out: str | None = None) -> None:
@@ -161,22 +374,29 @@ def search(model: str, query: str | None = None, folder: str | None = None, imag
         raise ValueError("give --query with --folder, or --image with --captions")
 
 
-def demo(out: str = "runs/demo", steps: int | None = None) -> None:
-    """The main job: train the shapes dual encoder, evaluate it, draw it, write a report.
+def demo(out: str = "runs/demo", steps: int | None = None, vlm_steps: int | None = None,
+         smoke: bool = False) -> None:
+    """The main job: both stages on the shapes world, evaluated, drawn and questioned; writes REPORT.md.
 
     Args:
-        out: the run directory.
-        steps: training steps (default: the `shapes` preset's).
+        out: the run directory (stage1/, stage2/, REPORT.md).
+        steps: Stage 1 training steps (default: the `shapes` preset's).
+        vlm_steps: Stage 2 instruct steps (default: the Stage 2 `shapes` preset's).
+        smoke: tiny data and a few steps, to check the wiring in seconds (scores mean nothing).
     """
     from vlmkit.demo import run_demo
 
-    run_demo(out, steps)
+    run_demo(out, steps, vlm_steps, smoke)
 
 
 COMMANDS: dict[str, Callable | dict[str, Callable]] = {
     "presets": presets,
-    "train": {"clip": train_clip},
-    "eval": evaluate,
+    "train": {"clip": train_clip, "vlm": train_vlm},
+    "eval": {"clip": evaluate, "vqa": eval_vqa, "caption": eval_caption, "pope": eval_pope,
+             "grounding": eval_grounding},
+    "caption": caption,
+    "ask": ask,
+    "chat": chat,
     "classify": classify,
     "embed": embed,
     "search": search,
@@ -202,7 +422,8 @@ def _add_command(subparsers, name: str, fn: Callable) -> None:
     parser = subparsers.add_parser(name, help=doc.splitlines()[0] if doc else None,
                                    description=doc.split("\n\nArgs:")[0])
     hints, helps = typing.get_type_hints(fn), _arg_help(fn)
-    for position, (pname, param) in enumerate(inspect.signature(fn).parameters.items()):
+    positional = True
+    for pname, param in inspect.signature(fn).parameters.items():
         hint = hints.get(pname, str)
         if typing.get_origin(hint) in (typing.Union, types.UnionType):
             hint = next(a for a in typing.get_args(hint) if a is not type(None))
@@ -216,12 +437,14 @@ def _add_command(subparsers, name: str, fn: Callable) -> None:
         else:
             kwargs.update(type=hint)
         if param.default is inspect.Parameter.empty:
-            # The command's object (an image) reads best bare; a model is --model everywhere.
-            if position == 0 and pname != "model":
+            # The command's objects (an image, a question) read best bare; a model is --model everywhere.
+            positional = positional and pname != "model"
+            if positional:
                 parser.add_argument(pname, metavar=pname.upper(), **kwargs)
             else:
                 parser.add_argument(f"--{pname.replace('_', '-')}", dest=pname, required=True, **kwargs)
         else:
+            positional = False
             parser.add_argument(f"--{pname.replace('_', '-')}", dest=pname, default=param.default, **kwargs)
     parser.set_defaults(_fn=fn)
 

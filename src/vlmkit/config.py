@@ -273,3 +273,132 @@ class ClipRunConfig(Config):
     model: DualEncoderConfig = field(default_factory=DualEncoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------- Stage 2
+@dataclass
+class DecoderConfig(Config):
+    """A Llama-compatible decoder-only language model (RMSNorm, RoPE, SwiGLU, GQA)."""
+
+    vocab_size: int = 49152
+    width: int = 576
+    depth: int = 30
+    heads: int = 9
+    kv_heads: int = 3               # grouped-query attention: kv_heads divides heads
+    head_dim: int | None = None     # default width // heads
+    mlp_dim: int = 1536
+    max_positions: int = 2048       # context length; the KV cache is allocated up to this
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    attention_bias: bool = False    # Qwen2 puts biases on the Q, K, V projections
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "width", "depth", "heads", "kv_heads", "mlp_dim", "max_positions"):
+            _require(getattr(self, name) > 0, f"decoder.{name} must be positive")
+        _require(self.heads % self.kv_heads == 0,
+                 f"decoder.heads {self.heads} is not a multiple of kv_heads {self.kv_heads}")
+        if self.head_dim is None:
+            _require(self.width % self.heads == 0,
+                     f"decoder.width {self.width} is not divisible by heads {self.heads}; set head_dim")
+            self.head_dim = self.width // self.heads
+        _require(self.head_dim % 2 == 0, f"decoder.head_dim {self.head_dim} must be even for RoPE")
+
+
+@dataclass
+class ProjectorConfig(Config):
+    """How ViT patch tokens become LM input embeddings."""
+
+    kind: Literal["mlp", "pixel_shuffle", "resampler"] = "mlp"
+    hidden: int | None = None       # MLP hidden width; default the LM width
+    shuffle_factor: int = 2         # pixel_shuffle: merge factor x factor patches into one token
+    queries: int = 64               # resampler: number of learned queries (= image tokens)
+    heads: int = 8                  # resampler: cross-attention heads
+
+    def __post_init__(self) -> None:
+        _require(self.shuffle_factor >= 1 and self.queries >= 1 and self.heads >= 1,
+                 "projector.shuffle_factor, queries and heads must be positive")
+
+
+@dataclass
+class VLMConfig(Config):
+    """Vision tower + projector + decoder LM (the LLaVA recipe)."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    vision_layer: int = -1                             # which ViT layer feeds the projector
+    vision_select: Literal["patch", "all"] = "patch"   # "patch" drops the class token (LLaVA's "default")
+    image_token: str = "<image>"
+    image_token_id: int = -1                           # set from the tokenizer when the model is built
+
+    def __post_init__(self) -> None:
+        _require(-self.vision.depth <= self.vision_layer < self.vision.depth,
+                 f"vision_layer {self.vision_layer} is outside a {self.vision.depth}-layer vision tower")
+        p = self.projector
+        if p.kind == "pixel_shuffle":
+            _require(self.vision_select == "patch", "pixel_shuffle needs vision_select 'patch' (a square grid)")
+            _require(self.vision.grid % p.shuffle_factor == 0,
+                     f"vision grid {self.vision.grid} is not divisible by projector.shuffle_factor {p.shuffle_factor}")
+
+    @property
+    def image_tokens(self) -> int:
+        """How many LM positions one image takes."""
+        p, grid = self.projector, self.vision.grid
+        if p.kind == "resampler":
+            return p.queries
+        if p.kind == "pixel_shuffle":
+            return (grid // p.shuffle_factor) ** 2
+        return grid * grid + (1 if self.vision_select == "all" and self.vision.class_token else 0)
+
+
+@dataclass
+class PhaseConfig(Config):
+    """One Stage 2 training phase: what trains, on which tasks, for how long."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    vision: Literal["frozen", "full"] = "frozen"
+    vision_lr: float | None = None          # default: train.lr
+    language_model: Literal["frozen", "full", "lora"] = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    tasks: list[str] | None = None          # question kinds to train on; None = all
+    skip: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.lora_rank > 0, "lora_rank must be positive")
+
+
+@dataclass
+class VlmDataConfig(Config):
+    """Conversations for Stage 2: a built-in task set or a LLaVA JSON file."""
+
+    source: str = "shapes"                 # shapes | easy_vqa | path to a LLaVA .json/.jsonl
+    image_folder: str | None = None        # LLaVA JSON: where image paths resolve (default: beside the file)
+    eval_source: str | None = None         # LLaVA JSON for evaluation (default: the source's test split)
+    train_size: int | None = None          # images (scenes) to use for training
+    eval_size: int = 500                   # images to evaluate on
+    source_options: dict = field(default_factory=dict)
+    image_size: int | None = None          # default: the vision tower's
+    resize_mode: Literal["squash", "shortest_crop", "pad"] = "squash"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    max_length: int = 128                  # tokens per conversation, image slots included
+    max_bad_fraction: float = 0.01
+
+    def __post_init__(self) -> None:
+        _require(self.max_length > 0 and self.eval_size > 0, "data.max_length and eval_size must be positive")
+
+
+@dataclass
+class VlmRunConfig(Config):
+    """Everything a Stage 2 run needs: the model, its starting points, the data, both phases."""
+
+    model: VLMConfig = field(default_factory=VLMConfig)
+    data: VlmDataConfig = field(default_factory=VlmDataConfig)
+    vision_init: str | None = None         # a Stage 1 checkpoint directory (its vision tower is used)
+    lm_init: str | None = None             # "smollm2" or a .gguf file; None: train the LM from scratch
+    tokenizer_vocab: int = 1000            # from-scratch LM: size of the BPE vocabulary trained on the data
+    align: PhaseConfig = field(default_factory=lambda: PhaseConfig(language_model="frozen", tasks=["caption"]))
+    instruct: PhaseConfig = field(default_factory=PhaseConfig)

@@ -44,3 +44,18 @@ def siglip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bi
     rows = torch.arange(image.shape[0], device=image.device)
     signs[rows, rows + offset] = 1.0
     return -F.logsigmoid(signs * logits.float()).sum() / image.shape[0]
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over answer tokens: logits [n, V] already taken at `answer_positions(labels)`."""
+    targets = labels[:, 1:][labels[:, 1:] != -100]
+    if targets.numel() == 0:
+        raise ValueError("the batch has no answer tokens to learn from (every label is -100)")
+    return F.cross_entropy(logits.float(), targets)
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Bool [B, T]: positions whose next token is an answer token (those predict it)."""
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != -100
+    return predicts

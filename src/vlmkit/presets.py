@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from vlmkit.config import ClipRunConfig, ConfigError
+from vlmkit.config import ClipRunConfig, ConfigError, VlmRunConfig
 
 
 def _tiny() -> dict:
@@ -109,11 +109,105 @@ PRESETS: dict[str, Callable[[], dict]] = {
 }
 
 
+# ----------------------------------------------------------------------------- Stage 2
+_SHAPES_VISION = _shapes()["model"]["vision"]
+
+
+def _vlm_tiny() -> dict:
+    """Stage 2 in seconds on a CPU: for tests."""
+    return {
+        "model": {"vision": _tiny()["model"]["vision"],
+                  "decoder": {"width": 64, "depth": 2, "heads": 4, "kv_heads": 2, "mlp_dim": 128,
+                              "max_positions": 128}},
+        "data": {"source": "shapes", "train_size": 300, "eval_size": 20,
+                 "source_options": {"image_size": 48, "max_objects": 2}},
+        "tokenizer_vocab": 400,
+        "align": {"train": {"steps": 10, "batch_size": 16, "lr": 3e-3, "warmup_steps": 2, "log_every": 5,
+                            "save_every": 10}, "language_model": "full", "vision": "full", "tasks": ["caption"]},
+        "instruct": {"train": {"steps": 20, "batch_size": 16, "lr": 3e-3, "warmup_steps": 2, "log_every": 5,
+                               "save_every": 10}, "vision": "full"},
+    }
+
+
+def _vlm_shapes() -> dict:
+    """The demo's Stage 2: a small LM learns to caption, answer and ground on the shapes world.
+
+    Start from a Stage 1 `shapes` checkpoint (`vision_init`); the LM is trained from scratch,
+    so the align phase trains it on captions together with the projector.
+    """
+    return {
+        "model": {"vision": _SHAPES_VISION,
+                  "decoder": {"width": 192, "depth": 3, "heads": 4, "kv_heads": 2, "mlp_dim": 512,
+                              "max_positions": 128}},
+        "data": {"source": "shapes", "train_size": 16000, "eval_size": 500,
+                 "source_options": {"image_size": 48, "max_objects": 3}},
+        "tokenizer_vocab": 600,
+        "align": {"train": {"steps": 150, "batch_size": 64, "lr": 2e-3, "warmup_steps": 20, "save_every": 100},
+                  "language_model": "full", "tasks": ["caption"]},
+        "instruct": {"train": {"steps": 1600, "batch_size": 64, "lr": 1.5e-3, "warmup_steps": 50,
+                               "weight_decay": 0.05, "save_every": 400, "eval_every": 800},
+                     "vision": "full", "vision_lr": 5e-4},
+    }
+
+
+def _vlm_easy_vqa() -> dict:
+    """Easy-VQA (64 px shapes, 13 answers): vision tower and a small LM trained together."""
+    return {
+        "model": {"vision": {"image_size": 64, "patch_size": 16, "width": 128, "depth": 4, "heads": 4,
+                             "mlp_dim": 512},
+                  "decoder": {"width": 192, "depth": 3, "heads": 4, "kv_heads": 2, "mlp_dim": 512,
+                              "max_positions": 96}},
+        "data": {"source": "easy_vqa", "eval_size": 1000},
+        "tokenizer_vocab": 300,
+        "align": {"skip": True},
+        "instruct": {"train": {"steps": 1500, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100,
+                               "weight_decay": 0.05, "save_every": 250, "eval_every": 500},
+                     "vision": "full"},
+    }
+
+
+def _llava_smol() -> dict:
+    """A real brain: the shapes Stage 1 vision tower + MLP projector + SmolLM2-135M-Instruct.
+
+    Align trains the projector alone on captions; instruct adds LoRA adapters to the LM, so
+    its pretrained language ability is kept.
+    """
+    return {
+        "model": {"vision": {"image_size": 64, "patch_size": 16, "width": 128, "depth": 4, "heads": 4,
+                             "mlp_dim": 512},
+                  "decoder": {"max_positions": 256}},
+        "lm_init": "smollm2",
+        "data": {"source": "easy_vqa", "eval_size": 100, "max_length": 96},
+        "align": {"skip": True},
+        "instruct": {"train": {"steps": 400, "batch_size": 16, "lr": 1e-3, "warmup_steps": 30,
+                               "save_every": 100, "eval_every": 0},
+                     "vision": "full", "language_model": "lora", "lora_rank": 16, "lora_alpha": 32},
+    }
+
+
+VLM_PRESETS: dict[str, Callable[[], dict]] = {
+    "tiny": _vlm_tiny,
+    "shapes": _vlm_shapes,
+    "easy-vqa": _vlm_easy_vqa,
+    "llava-smol": _llava_smol,
+}
+
+
 def preset(name: str) -> ClipRunConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
     return ClipRunConfig.from_dict(PRESETS[name](), f"preset {name}")
 
 
+def vlm_preset(name: str) -> VlmRunConfig:
+    if name not in VLM_PRESETS:
+        raise ConfigError(f"unknown Stage 2 preset {name!r}; available: {', '.join(VLM_PRESETS)}")
+    return VlmRunConfig.from_dict(VLM_PRESETS[name](), f"vlm preset {name}")
+
+
 def describe_presets() -> list[tuple[str, str]]:
     return [(name, (fn.__doc__ or "").strip()) for name, fn in PRESETS.items()]
+
+
+def describe_vlm_presets() -> list[tuple[str, str]]:
+    return [(name, (fn.__doc__ or "").strip()) for name, fn in VLM_PRESETS.items()]

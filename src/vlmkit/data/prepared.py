@@ -30,6 +30,7 @@ class PreparedPairs:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     skipped: int = 0
+    rows: torch.Tensor | None = None  # long [N]: each image's index in the source (unreadable ones are gone)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -37,7 +38,9 @@ class PreparedPairs:
     def take(self, rows: torch.Tensor) -> "PreparedPairs":
         """The given rows, in the given order."""
         captions = [self.captions[i] for i in rows.tolist()]
-        return PreparedPairs(self.images[rows], captions, self.labels[rows], self.mean, self.std, self.skipped)
+        source_rows = None if self.rows is None else self.rows[rows]
+        return PreparedPairs(self.images[rows], captions, self.labels[rows], self.mean, self.std, self.skipped,
+                             source_rows)
 
     def subset(self, mask: torch.Tensor) -> "PreparedPairs":
         """The rows where the boolean `mask` is true."""
@@ -78,7 +81,7 @@ class _Decoded(Dataset):
         except (ImageDecodeError, FileNotFoundError) as e:
             return None, str(e)
         pixels = torch.from_numpy(np.asarray(self.transform.resize(ex.image)).copy()).permute(2, 0, 1)  # uint8
-        return (pixels, ex.caption, -1 if ex.label is None else int(ex.label)), None
+        return (pixels, ex.caption, -1 if ex.label is None else int(ex.label), i), None
 
 
 def _collate(items):
@@ -102,7 +105,7 @@ def prepare(
     if count == 0:
         raise DataError(f"data source {source.name!r} is empty")
     loader = DataLoader(_Decoded(source, transform, count), batch_size=256, num_workers=num_workers, collate_fn=_collate)
-    images, captions, labels, errors = [], [], [], []
+    images, captions, labels, kept, errors = [], [], [], [], []
     with tqdm(total=count, desc=desc, unit="img", leave=False, mininterval=0.1 if sys.stderr.isatty() else 30) as bar:
         for batch in loader:
             for item, error in batch:
@@ -112,6 +115,7 @@ def prepare(
                     images.append(item[0])
                     captions.append(item[1])
                     labels.append(item[2])
+                    kept.append(item[3])
             bar.update(len(batch))
     if errors and len(errors) / count > max_bad_fraction:
         raise DataError(
@@ -121,4 +125,5 @@ def prepare(
     if not images:
         raise DataError(f"no readable images in {source.name!r}")
     return PreparedPairs(torch.stack(images), captions, torch.tensor(labels, dtype=torch.long),
-                         tuple(transform.mean), tuple(transform.std), skipped=len(errors))
+                         tuple(transform.mean), tuple(transform.std), skipped=len(errors),
+                         rows=torch.tensor(kept, dtype=torch.long))

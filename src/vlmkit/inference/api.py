@@ -1,6 +1,8 @@
 """The high-level API: `vlmkit.load(dir)` and what a loaded model can do.
 
-The CLI and (later) the server call only this module, never model internals.
+A Stage 1 checkpoint loads as a `DualEncoderModel` (embed, classify, search); a Stage 2
+checkpoint as a `VisionLanguageAssistant` (caption, ask, chat, classify, embed). The CLI
+and the server call only this module, never model internals.
 """
 from __future__ import annotations
 
@@ -83,14 +85,26 @@ class DualEncoderModel:
         return self.rank(self.embed_images([image]), self.embed_texts(texts), top_k)
 
 
-def load(path: str | Path, device: str | torch.device | None = None) -> DualEncoderModel:
-    """Load a vlmkit checkpoint directory for inference."""
+    def embed(self, images: Sequence | None = None, texts: Sequence[str] | None = None) -> torch.Tensor:
+        """Embeddings of `images` or of `texts` (one of the two), in the shared space."""
+        if (images is None) == (texts is None):
+            raise ValueError("pass images or texts (one of the two)")
+        return self.embed_images(images) if images is not None else self.embed_texts(texts)
+
+
+def load(path: str | Path, device: str | torch.device | None = None):
+    """Load a vlmkit checkpoint directory for inference (a Stage 1 or a Stage 2 model)."""
     path = Path(path)
     config = read_config(path)
-    if config["kind"] != "dual_encoder":
-        raise CheckpointError(f"{path}: model kind {config['kind']!r} is not supported by this API yet")
+    if config["kind"] not in ("dual_encoder", "vlm"):
+        raise CheckpointError(f"{path}: model kind {config['kind']!r} is not supported; known: dual_encoder, vlm")
     if not (path / "preprocessor.json").is_file():
         raise CheckpointError(f"{path}: missing preprocessor.json")
     transform = ImageTransform.from_dict(json.loads((path / "preprocessor.json").read_text()))
     device = torch.device(device) if device else default_device()
+    if config["kind"] == "vlm":
+        from vlmkit.data.lm_tokenizer import LMTokenizer
+        from vlmkit.inference.assistant import VisionLanguageAssistant
+
+        return VisionLanguageAssistant(load_model(path), LMTokenizer.from_pretrained(path), transform, device)
     return DualEncoderModel(load_model(path), Tokenizer.from_pretrained(path), transform, device)

@@ -60,12 +60,14 @@ class Trainer:
         save_fn: Callable[[Path, dict | None], None],
         eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
         device: torch.device | None = None,
+        groups: list[dict] | None = None,
     ):
         self.model, self.cfg, self.out_dir = model, cfg, Path(out_dir)
         self.batch_fn, self.loss_fn, self.save_fn, self.eval_fn = batch_fn, loss_fn, save_fn, eval_fn
         self.device = device or distributed.default_device()
         self.wrapped = distributed.wrap_model(model)
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+        # `groups` lets a recipe give parts of the model their own learning rate.
+        self.optimizer = torch.optim.AdamW(groups or param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(0.9, cfg.beta2), eps=1e-6)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.step = 0

@@ -11,12 +11,14 @@ from .easy_vqa import EasyVQA
 from .fashion_mnist import FashionMNIST
 from .pairs import ImageTextPairs
 from .shapes import Shapes
+from .shapes_vqa import ShapesVQA
 
 SOURCES: dict[str, type[Source]] = {
     "shapes": Shapes,
     "fashion_mnist": FashionMNIST,
     "digits": Digits,
     "easy_vqa": EasyVQA,
+    "shapes_vqa": ShapesVQA,
 }
 
 
@@ -44,4 +46,4 @@ def build_source(name: str, split: str = "train", **kwargs: Any) -> Source:
 
 
 __all__ = ["SOURCES", "build_source", "Example", "Source", "Shapes", "FashionMNIST",
-           "Digits", "EasyVQA", "ImageTextPairs"]
+           "Digits", "EasyVQA", "ImageTextPairs", "ShapesVQA"]

@@ -3,11 +3,13 @@
 Captions ("a blue circle.") are derived from the dataset's question/answer pairs, never from
 pixels. About one image in ten has questions that do not pin down both colour and shape;
 its caption says only what is known ("a circle.", "a teal shape.") and its label is None.
+`EasyVQA.conversations()` gives the questions as Stage 2 conversations.
 """
 from __future__ import annotations
 
 from collections import defaultdict
 
+from ..conversation import IMAGE_PLACEHOLDER, Conversation, Message
 from ..images import load_image
 from .base import Example, Source
 
@@ -41,6 +43,17 @@ def describe(qas: list[tuple[str, str]]) -> tuple[str | None, str | None]:
         known = facts[kind] or set(universe) - absent[kind]  # fall back to elimination
         result.append(next(iter(known)) if len(known) == 1 else None)
     return result[0], result[1]
+
+
+def question_kind(answer: str, where: str = "answer") -> str:
+    """The type of a question ("yes/no", "colour" or "shape"), read off its answer."""
+    if answer in ("yes", "no"):
+        return "yes/no"
+    if answer in COLOURS:
+        return "colour"
+    if answer in SHAPES:
+        return "shape"
+    raise ValueError(f"{where}: unknown answer {answer!r}")
 
 
 class EasyVQA(Source):
@@ -83,3 +96,16 @@ class EasyVQA(Source):
         label = self.classes.index(f"{colour} {shape}") if colour and shape else None
         meta = {"image_id": image_id, "colour": colour, "shape": shape, "questions": qas}
         return Example(load_image(self._paths[image_id]), caption, label, meta)
+
+    def conversations(self) -> list[Conversation]:
+        """One single-turn conversation per question; its image is the row in `__getitem__` order."""
+        rows = {image_id: row for row, image_id in enumerate(self.image_ids)}
+        convs = []
+        for i, (question, answer, image_id) in enumerate(self.questions):
+            if image_id not in rows:
+                raise ValueError(f"easy_vqa {self.split} question {i}: image id {image_id} has no image")
+            convs.append(Conversation([Message("user", f"{IMAGE_PLACEHOLDER}\n{question}"),
+                                       Message("assistant", answer)], [rows[image_id]],
+                                      {"kind": question_kind(answer, f"easy_vqa {self.split} question {i}"),
+                                       "answer": answer, "question": question}))
+        return convs

@@ -1,0 +1,261 @@
+"""A Stage 2 model you can talk to: caption, ask, chat (streaming), classify, embed, explain.
+
+Text in, text out: this class owns the chat template, tokenization, image preprocessing,
+stop strings and incremental detokenization; the `Engine` below it sees token ids only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from vlmkit.data.chat import encode_conversation
+from vlmkit.data.images import ImageTransform, load_image
+from vlmkit.data.lm_tokenizer import IMAGE_TOKEN, LMTokenizer
+from vlmkit.inference.engine import Engine, SamplingParams
+
+CAPTION_PROMPT = "Describe the image."
+
+
+@dataclass
+class Request:
+    """One generation: messages (role/content dicts, `<image>` where each image goes) and images."""
+
+    messages: list[dict[str, str]]
+    images: list[Any] = field(default_factory=list)
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop: Sequence[str] = ()
+    seed: int = 0
+
+
+class VisionLanguageAssistant:
+    def __init__(self, model, tokenizer: LMTokenizer, transform: ImageTransform, device: torch.device):
+        self.model = model.to(device).eval()
+        self.tokenizer, self.transform, self.device = tokenizer, transform, device
+        self.engine = Engine(self.model, tokenizer.pad_id)
+
+    @property
+    def context_length(self) -> int:
+        return self.model.cfg.decoder.max_positions
+
+    # ------------------------------------------------------------------ preparing input
+    def _prepare(self, request: Request) -> tuple[list[int], torch.Tensor | None]:
+        messages = [dict(m) for m in request.messages]
+        if not messages:
+            raise ValueError("no messages given")
+        for i, m in enumerate(messages):
+            if m.get("role") not in ("system", "user", "assistant"):
+                raise ValueError(f"message {i}: role must be system, user or assistant, got {m.get('role')!r}")
+            if not isinstance(m.get("content"), str):
+                raise ValueError(f"message {i}: content must be a string")
+        if messages[-1]["role"] != "user" or not messages[-1]["content"].replace(IMAGE_TOKEN, "").strip():
+            raise ValueError("the last message must be a non-empty user message")
+        placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+        images = list(request.images)
+        if placeholders == 0 and images:
+            # Like LLaVA: images without placeholders go before the first user text.
+            first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+            messages[first]["content"] = (IMAGE_TOKEN + "\n") * len(images) + messages[first]["content"]
+        elif placeholders != len(images):
+            raise ValueError(f"the messages hold {placeholders} {IMAGE_TOKEN} placeholders but "
+                             f"{len(images)} images were given")
+        budget = self.context_length - 1
+        ids = encode_conversation(messages, self.tokenizer, self.model.cfg.image_tokens, budget,
+                                  add_generation_prompt=True).ids
+        pixels = torch.stack([self.transform(load_image(im)) for im in images]) if images else None
+        return ids, pixels
+
+    def _params(self, r: Request) -> SamplingParams:
+        return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
+                              top_p=r.top_p, repetition_penalty=r.repetition_penalty, seed=r.seed,
+                              stop_ids=(self.tokenizer.eos_id,))
+
+    # ------------------------------------------------------------------ generation
+    def stream_batch(self, requests: Sequence[Request]) -> Iterator[Delta]:
+        """Generate for several requests in one batch; yield text deltas as they are decoded.
+
+        Requests with different sampling settings cannot share one decode loop; they run one
+        after another. Each request ends with one `Delta` whose `finish_reason` is set.
+        """
+        if not requests:
+            raise ValueError("no requests given")
+        prepared = [self._prepare(r) for r in requests]   # validates every request before any work
+        params = [self._params(r) for r in requests]
+        if len({(p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.seed, p.max_new_tokens)
+                for p in params}) > 1:
+            for i in range(len(requests)):
+                for d in self._run([prepared[i]], [requests[i]], params[i]):
+                    yield Delta(i, d.text, d.finish_reason, d.prompt_tokens, d.completion_tokens)
+            return
+        yield from self._run(prepared, requests, params[0])
+
+    def _run(self, prepared, requests, params: SamplingParams) -> Iterator[Delta]:
+        eos = self.tokenizer.eos_id
+        ids = [[] for _ in requests]
+        sent = ["" for _ in requests]
+        done = [False for _ in requests]
+
+        def visible(row: int) -> tuple[str, bool]:
+            """Text so far (cut at a stop string), and whether a stop string was hit."""
+            text = self._text(ids[row])
+            cuts = [text.find(s) for s in requests[row].stop if s and s in text]
+            return (text[:min(cuts)], True) if cuts else (text, False)
+
+        def should_stop(row: int, _ids: list[int]) -> bool:
+            return visible(row)[1]
+
+        for emitted in self.engine.stream([p[0] for p in prepared], [p[1] for p in prepared], params, should_stop):
+            for row, token in emitted:
+                ids[row].append(token)
+            for row, token in emitted:
+                text, hit = visible(row)
+                reason = "stop" if token == eos or hit else "length" if len(ids[row]) >= params.max_new_tokens else None
+                if reason is None:
+                    # Hold back an unfinished UTF-8 character, and any tail that may yet become a stop string.
+                    text = text.rstrip("\ufffd")
+                    text = text[:len(text) - _partial_stop(text, requests[row].stop)]
+                delta = text[len(sent[row]):] if text.startswith(sent[row]) else ""
+                if delta or reason:
+                    sent[row] += delta
+                    done[row] = reason is not None
+                    yield Delta(row, delta, reason, len(prepared[row][0]), len(ids[row]))
+        for row in range(len(requests)):
+            if not done[row]:   # the context filled up
+                yield Delta(row, self._text(ids[row])[len(sent[row]):], "length", len(prepared[row][0]), len(ids[row]))
+
+    def generate_batch(self, requests: Sequence[Request]) -> list[str]:
+        out = ["" for _ in requests]
+        for d in self.stream_batch(requests):
+            out[d.index] += d.text
+        return out
+
+    def _text(self, ids: list[int]) -> str:
+        if ids and ids[-1] == self.tokenizer.eos_id:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids)
+
+    # ------------------------------------------------------------------ the everyday calls
+    def ask(self, image, question: str, stream: bool = False, **sampling) -> str | Iterator[str]:
+        """Answer a question about one image (or about no image: pass None)."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("the question is empty")
+        images = [] if image is None else [image]
+        request = Request([{"role": "user", "content": question}], images, **sampling)
+        return self._texts(request) if stream else self.generate_batch([request])[0]
+
+    def caption(self, image, prompt: str = CAPTION_PROMPT, **sampling) -> str:
+        """A one-sentence description of the image (usable as alt text)."""
+        return self.ask(image, prompt, **sampling)
+
+    def chat(self, messages: Sequence[dict[str, str]], images: Sequence = (), stream: bool = False,
+             **sampling) -> str | Iterator[str]:
+        """Reply to a conversation: role/content messages, `<image>` marking where each image goes."""
+        request = Request(list(messages), list(images), **sampling)
+        return self._texts(request) if stream else self.generate_batch([request])[0]
+
+    def _texts(self, request: Request) -> Iterator[str]:
+        for d in self.stream_batch([request]):
+            if d.text:
+                yield d.text
+
+    @torch.no_grad()
+    def classify(self, image, labels: Sequence[str], question: str = "What is in the image?") -> list[tuple[str, float]]:
+        """Zero-shot by likelihood: probabilities over `labels` as answers to `question`, best first."""
+        labels = list(labels)
+        if len(labels) < 2:
+            raise ValueError("give at least two labels to choose between")
+        scores = []
+        for label in labels:
+            messages = [{"role": "user", "content": IMAGE_TOKEN + "\n" + question},
+                        {"role": "assistant", "content": label}]
+            scores.append(self._answer_logprob(messages, [image]))
+        probs = torch.tensor(scores).softmax(0)
+        return sorted(zip(labels, probs.tolist()), key=lambda p: -p[1])
+
+    def _answer_logprob(self, messages, images) -> float:
+        enc = encode_conversation(messages, self.tokenizer, self.model.cfg.image_tokens, self.context_length)
+        ids = torch.tensor([enc.ids], device=self.device)
+        labels = torch.tensor([enc.labels], device=self.device)
+        pixels = torch.stack([self.transform(load_image(im)) for im in images]).to(self.device)
+        logits = self.model(ids, pixels=pixels)[0, :-1].float().log_softmax(-1)
+        targets = labels[0, 1:]
+        keep = targets != -100
+        return float(logits[keep].gather(1, targets[keep, None]).sum())
+
+    @torch.no_grad()
+    def embed(self, images: Sequence) -> torch.Tensor:
+        """Image embeddings [N, D]: the vision tower's patch tokens, mean-pooled and L2-normalised."""
+        if isinstance(images, str):
+            raise ValueError("pass a list of images; a generative model embeds images only "
+                             "(text embeddings need a Stage 1 model)")
+        if len(images) == 0:
+            raise ValueError("no images given")
+        pixels = torch.stack([self.transform(load_image(im)) for im in images]).to(self.device)
+        tokens = self.model.vision_tower(pixels, layer=self.model.cfg.vision_layer)
+        return torch.nn.functional.normalize(tokens.mean(1).float(), dim=-1).cpu()
+
+    # ------------------------------------------------------------------ seeing what it looked at
+    @torch.no_grad()
+    def attention(self, image, question: str, answer: str | None = None) -> tuple[list[str], torch.Tensor]:
+        """For each answer token, how much it attended to each image patch (mean over layers and heads).
+
+        Returns (answer tokens as text, weights [T, K] over the K image tokens). Without
+        `answer`, the model's own greedy answer is used.
+        """
+        answer = self.ask(image, question) if answer is None else answer
+        messages = [{"role": "user", "content": IMAGE_TOKEN + "\n" + question},
+                    {"role": "assistant", "content": answer}]
+        enc = encode_conversation(messages, self.tokenizer, self.model.cfg.image_tokens, self.context_length)
+        ids = torch.tensor([enc.ids], device=self.device)
+        pixels = self.transform(load_image(image))[None].to(self.device)
+        maps: list[torch.Tensor] = []
+        self.model(ids, pixels=pixels, attentions=maps)
+        weights = torch.stack(maps).mean(0)[0]                        # [T, T]
+        answer_rows = [i for i, label in enumerate(enc.labels) if label != -100 and label != self.tokenizer.eos_id]
+        image_cols = (ids[0] == self.model.image_token_id).nonzero().flatten()
+        # Row i - 1 is the position that predicted answer token i.
+        rows = torch.tensor([i - 1 for i in answer_rows], device=self.device)
+        attn = weights[rows][:, image_cols].cpu()
+        tokens = [self.tokenizer.decode([enc.ids[i]]) for i in answer_rows]
+        return tokens, attn
+
+    def explain(self, image, question: str, path: str | Path, answer: str | None = None) -> Path:
+        """Write a PNG heatmap of where each answer token looked in the image."""
+        from vlmkit.viz.attention import plot_attention_heatmap
+
+        tokens, attn = self.attention(image, question, answer)
+        if not tokens:
+            raise ValueError("the answer is empty; nothing to explain")
+        cfg = self.model.cfg
+        if cfg.projector.kind == "resampler" or cfg.vision_select == "all":
+            raise ValueError("attention maps need one image token per patch region (mlp or pixel_shuffle projector)")
+        grid = cfg.vision.grid // (cfg.projector.shuffle_factor if cfg.projector.kind == "pixel_shuffle" else 1)
+        shown = load_image(image).resize((self.transform.size, self.transform.size))
+        return plot_attention_heatmap(shown, attn, tokens, path, grid=(grid, grid),
+                                      title=f"Q: {question}  A: {''.join(tokens).strip()}")
+
+
+@dataclass
+class Delta:
+    index: int                  # which request
+    text: str                   # new text since the last delta of this request
+    finish_reason: str | None   # None while running; "stop" (end of turn or stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _partial_stop(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that is the start of some stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best

@@ -1,0 +1,232 @@
+"""DecoderLM: a Llama-compatible decoder-only language model with a preallocated KV cache.
+
+RMSNorm, rotary position embeddings (the "rotate half" layout of Hugging Face Llama),
+SwiGLU MLP and grouped-query attention through `scaled_dot_product_attention`. The Q, K and
+V projections are fused into one matrix (`attn.qkv`), as are the gate and up projections
+(`mlp.gate_up`); `convert/` splits them back into Hugging Face's names.
+
+The model takes token ids or ready-made input embeddings (the VLM fills image slots
+itself), explicit positions (so left-padded batches rotate each row from its own start),
+and an optional `KVCache` that it appends to.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmkit.config import DecoderConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as Llama does; under bf16 autocast the variance would lose digits.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each [max_positions, head_dim], in the rotate-half layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, hd]; cos/sin: [B, 1, T, hd]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values for every layer, allocated once for `max_length` positions.
+
+    Decoding writes each new step in place, so no tensor is concatenated or reallocated
+    per token. `length` is the number of positions filled, shared by all rows of the batch
+    (left padding keeps rows aligned).
+    """
+
+    def __init__(self, cfg: DecoderConfig, batch: int, max_length: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        if max_length > cfg.max_positions:
+            raise ValueError(f"cache length {max_length} exceeds the model's context of {cfg.max_positions} tokens")
+        shape = (cfg.depth, batch, cfg.kv_heads, max_length, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_length = max_length
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, kvH, T, hd] after the filled part; return all keys and values so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_length} allocated")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, steps: int) -> None:
+        self.length += steps
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (finished sequences leave the batch)."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+
+
+class DecoderAttention(nn.Module):
+    """Grouped-query self-attention with RoPE; `kv_heads` key/value heads serve `heads` query heads."""
+
+    def __init__(self, cfg: DecoderConfig, layer: int):
+        super().__init__()
+        self.layer, self.heads, self.kv_heads, self.head_dim = layer, cfg.heads, cfg.kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.width, (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.attention_bias)
+        self.out = nn.Linear(cfg.heads * cfg.head_dim, cfg.width, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None, record: list | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                                     self.kv_heads * self.head_dim], dim=-1)
+        q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)      # [B, H, T, hd]
+        k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)   # [B, kvH, T, hd]
+        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)                        # [B, kvH, S, hd]
+        if record is not None:
+            record.append(self._weights(q, k, mask))
+        # Without a mask, plain causal attention over a fresh sequence takes the fast kernel.
+        causal = mask is None and T > 1
+        if mask is None and cache is not None and cache.length > 0 and T > 1:
+            raise ValueError("a multi-token step after a filled cache needs an explicit mask")
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.kv_heads != self.heads)
+        return self.out(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+
+    def _weights(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention probabilities averaged over heads, [B, T, S]; only computed when asked for."""
+        k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / self.head_dim ** 0.5    # [B, H, T, S]
+        T, S = scores.shape[-2:]
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(-1).mean(1).detach().float()
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.gate_up = nn.Linear(width, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.hidden, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer: int):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.width, cfg.norm_eps)
+        self.attn = DecoderAttention(cfg, layer)
+        self.norm2 = RMSNorm(cfg.width, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.width, cfg.mlp_dim)
+
+    def forward(self, x, cos, sin, mask, cache, record):
+        x = x + self.attn(self.norm1(x), cos, sin, mask, cache, record)
+        return x + self.mlp(self.norm2(x))
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.blocks = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.depth))
+        self.norm = RMSNorm(cfg.width, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_positions, cfg.rope_theta)
+        # Not persistent: derived from the config, so checkpoints hold weights only.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.cfg.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor | None = None, embeds: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                key_mask: torch.Tensor | None = None, last_only: bool = False,
+                return_hidden: bool = False, attentions: list | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with `last_only`).
+
+        `return_hidden` gives the final normed hidden states instead, so a training loss can
+        apply `lm_head` to the few answer positions only (the vocabulary projection is the
+        largest matrix product of a small LM).
+
+        input_ids [B, T] or embeds [B, T, D]; positions [B, T] (default: continue from the
+        cache); key_mask [B, S] marks real tokens among all S cached + new positions, needed
+        only when rows are padded. Pass a list as `attentions` to receive each layer's
+        head-averaged attention probabilities [B, T, S].
+        """
+        if (input_ids is None) == (embeds is None):
+            raise ValueError("pass exactly one of input_ids or embeds")
+        x = self.embed(input_ids) if embeds is None else embeds
+        B, T, _ = x.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=x.device).expand(B, T)
+        if int(positions.max()) >= self.cfg.max_positions:
+            raise ValueError(f"position {int(positions.max())} is past the model's context of "
+                             f"{self.cfg.max_positions} tokens")
+        cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)          # [B, 1, T, hd]
+        sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
+        mask = None
+        if key_mask is not None or (cache is not None and start > 0 and T > 1):
+            mask = self._mask(key_mask, B, T, start, x.device)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask, cache, attentions)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+    @staticmethod
+    def _mask(key_mask: torch.Tensor | None, B: int, T: int, start: int, device) -> torch.Tensor:
+        """Boolean [B, 1, T, S]: causal over S = start + T positions, minus padded keys."""
+        S = start + T
+        causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(start)   # query i sees keys <= start + i
+        if key_mask is None:
+            return causal.expand(B, 1, T, S)
+        if key_mask.shape != (B, S):
+            raise ValueError(f"key_mask must be [batch, {S}] (cached + new positions), got {tuple(key_mask.shape)}")
+        mask = causal[None, None] & key_mask.bool()[:, None, None, :]
+        # A padding query would see no key at all and SDPA would return NaN; let it see itself.
+        return mask | _diagonal(T, S, device)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _diagonal(T: int, S: int, device) -> torch.Tensor:
+    """[T, S] with True where query i meets its own key (column S - T + i)."""
+    eye = torch.zeros(T, S, dtype=torch.bool, device=device)
+    eye[torch.arange(T), torch.arange(S - T, S)] = True
+    return eye

@@ -1,0 +1,86 @@
+"""Projectors: ViT patch tokens [B, N, Dv] -> LM input embeddings [B, K, Dlm].
+
+- `mlp`: two linear layers with a GELU between, one output token per patch (LLaVA-1.5).
+- `pixel_shuffle`: merge each f x f block of neighbouring patches into one token by
+  concatenating their features, then the MLP (SmolVLM / nanoVLM): f^2 fewer image tokens.
+- `resampler`: a fixed number of learned queries cross-attend to the patches, then the
+  MLP (Q-Former / Perceiver-resampler style): the token count no longer depends on the image.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmkit.config import ProjectorConfig
+
+
+class MLPProjector(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """[B, N, D] on a square grid -> [B, N / f^2, D * f^2], each token a f x f block of patches."""
+    B, N, D = x.shape
+    side = int(round(N ** 0.5))
+    if side * side != N or side % factor:
+        raise ValueError(f"pixel_shuffle needs a square grid divisible by {factor}, got {N} tokens")
+    g = side // factor
+    x = x.view(B, g, factor, g, factor, D)          # [B, row block, row in block, col block, col in block, D]
+    x = x.permute(0, 1, 3, 2, 4, 5)                 # [B, g, g, f, f, D]
+    return x.reshape(B, g * g, factor * factor * D)
+
+
+class Resampler(nn.Module):
+    """Learned queries attend to the patch tokens (one cross-attention layer), then an MLP."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int, queries: int, heads: int):
+        super().__init__()
+        if in_dim % heads:
+            raise ValueError(f"resampler heads {heads} must divide the vision width {in_dim}")
+        self.heads = heads
+        self.queries = nn.Parameter(torch.randn(queries, in_dim) * 0.02)
+        self.norm_q = nn.LayerNorm(in_dim)
+        self.norm_kv = nn.LayerNorm(in_dim)
+        self.q = nn.Linear(in_dim, in_dim)
+        self.kv = nn.Linear(in_dim, 2 * in_dim)
+        self.out = nn.Linear(in_dim, in_dim)
+        self.mlp = MLPProjector(in_dim, out_dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        hd = D // self.heads
+        q = self.q(self.norm_q(self.queries)).expand(B, -1, -1)
+        q = q.view(B, -1, self.heads, hd).transpose(1, 2)                        # [B, H, K, hd]
+        k, v = self.kv(self.norm_kv(x)).view(B, N, 2, self.heads, hd).permute(2, 0, 3, 1, 4)  # [B, H, N, hd]
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, -1, D)
+        return self.mlp(self.queries + self.out(y))
+
+
+class Projector(nn.Module):
+    """The projector named by `cfg.kind`; see the module docstring."""
+
+    def __init__(self, cfg: ProjectorConfig, vision_width: int, lm_width: int):
+        super().__init__()
+        self.kind, self.factor = cfg.kind, cfg.shuffle_factor
+        hidden = cfg.hidden or lm_width
+        if cfg.kind == "mlp":
+            self.net = MLPProjector(vision_width, lm_width, hidden)
+        elif cfg.kind == "pixel_shuffle":
+            self.net = MLPProjector(vision_width * cfg.shuffle_factor ** 2, lm_width, hidden)
+        elif cfg.kind == "resampler":
+            self.net = Resampler(vision_width, lm_width, hidden, cfg.queries, cfg.heads)
+        else:
+            raise ValueError(f"unknown projector kind {cfg.kind!r}; choose mlp, pixel_shuffle or resampler")
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        if self.kind == "pixel_shuffle":
+            patches = pixel_shuffle(patches, self.factor)
+        return self.net(patches)

@@ -1,0 +1,74 @@
+"""VisionLanguageModel: vision tower + projector + decoder LM, composed (LLaVA's layout).
+
+The parts keep Hugging Face LLaVA's names (`vision_tower`, `multi_modal_projector`,
+`language_model`). Each image placeholder in the token ids is expanded beforehand into
+`cfg.image_tokens` slots holding `image_token_id`; `embed_inputs` overwrites exactly those
+slots with projected patch tokens, in reading order, and refuses any count mismatch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlmkit.config import VLMConfig
+from vlmkit.models.decoder import DecoderLM, KVCache
+from vlmkit.models.projector import Projector
+from vlmkit.models.vit import VisionTransformer
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        if cfg.image_token_id < 0:
+            raise ValueError("VLMConfig.image_token_id is unset; take it from the tokenizer (tokenizer.image_id)")
+        self.cfg = cfg
+        self.image_token_id = cfg.image_token_id
+        self.vision_tower = VisionTransformer(cfg.vision)
+        self.multi_modal_projector = Projector(cfg.projector, cfg.vision.width, cfg.decoder.width)
+        self.language_model = DecoderLM(cfg.decoder)
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [n_images, 3, H, W] -> LM-space image tokens [n_images, K, D_lm]."""
+        tokens = self.vision_tower(pixels, layer=self.cfg.vision_layer)  # [n, prefix + N, Dv]
+        if self.cfg.vision_select == "patch":
+            tokens = tokens[:, self.vision_tower.prefix:]
+        return self.multi_modal_projector(tokens)
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixels: torch.Tensor | None = None,
+                     image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings [B, T, D] with every image slot filled by an image token."""
+        slots = input_ids == self.image_token_id
+        n_slots = int(slots.sum())
+        if image_features is None and pixels is not None and len(pixels):
+            image_features = self.image_features(pixels)
+        n_images = 0 if image_features is None else image_features.shape[0]
+        K = self.cfg.image_tokens
+        if n_slots != n_images * K:
+            raise ValueError(f"image placeholders and images do not match: the tokens hold {n_slots} image "
+                             f"slots ({n_slots / K:g} images of {K} tokens) but {n_images} images were given")
+        # The image token may lie past the LM's vocabulary (it is added to a pretrained
+        # tokenizer); its slots are overwritten, so look up any valid id there.
+        embeds = self.language_model.embed(input_ids.masked_fill(slots, 0))
+        if n_images:
+            feats = image_features.reshape(-1, image_features.shape[-1]).to(embeds.dtype)
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), feats)
+        return embeds
+
+    def forward(self, input_ids: torch.Tensor, pixels: torch.Tensor | None = None,
+                image_features: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, key_mask: torch.Tensor | None = None,
+                last_only: bool = False, logits_at: torch.Tensor | None = None,
+                attentions: list | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab]; with `logits_at` (bool [B, T]) only there, as [n, vocab].
+
+        Training asks for the answer positions only: the vocabulary projection is the
+        largest matrix product of a small LM, and prompt and image positions need none.
+        """
+        embeds = self.embed_inputs(input_ids, pixels, image_features)
+        lm = self.language_model
+        if logits_at is None:
+            return lm(embeds=embeds, positions=positions, cache=cache, key_mask=key_mask,
+                      last_only=last_only, attentions=attentions)
+        hidden = lm(embeds=embeds, positions=positions, cache=cache, key_mask=key_mask,
+                    return_hidden=True, attentions=attentions)
+        return lm.lm_head(hidden[logits_at])

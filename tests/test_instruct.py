@@ -1,0 +1,128 @@
+"""Stage 2 end to end on tiny configs: a run that learns, resume, the CLI commands, data errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlmkit.cli import main
+from vlmkit.presets import vlm_preset
+from vlmkit.training.instruct import train_vlm
+
+# Single-object scenes and one question kind: a colour is visible in every pixel of the
+# object, so even a tiny model trained for seconds must beat chance (1/6) by far.
+LEARNABLE = {"data.source_options": {"image_size": 48, "max_objects": 1, "kinds": ["colour", "caption"]},
+             "data.train_size": 600, "data.eval_size": 40,
+             "align.skip": True, "instruct.tasks": ["colour"],
+             "instruct.train.steps": 120, "instruct.train.batch_size": 32, "instruct.train.save_every": 60}
+
+
+@pytest.fixture(scope="module")
+def vlm_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vlm_run")
+    run = train_vlm(vlm_preset("tiny").override(LEARNABLE), out, progress=False)
+    assert run.status == "done"
+    return out, run
+
+
+def test_a_tiny_stage2_run_learns_a_visual_question(vlm_run):
+    out, run = vlm_run
+    colour = run.results["vqa"]["per_kind"]["colour"]
+    assert colour["count"] == 40
+    assert colour["accuracy"] >= 0.6, colour
+    losses = [json.loads(line)["loss"] for line in (out / "instruct" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in line]
+    assert losses[-1] < 0.5 * losses[0]
+    for name in ("model/model.safetensors", "model/tokenizer.json", "model/preprocessor.json", "eval.md",
+                 "eval.json", "answers.jsonl", "run_config.json"):
+        assert (out / name).is_file(), name
+
+
+def test_a_finished_run_resumes_without_training_again(vlm_run):
+    out, run = vlm_run
+    again = train_vlm(vlm_preset("tiny").override(LEARNABLE), out, progress=False)
+    assert again.status == "done"
+    assert again.results["vqa"]["accuracy"] == run.results["vqa"]["accuracy"]
+
+
+def test_align_then_instruct_with_lora_and_a_stage1_tower(tiny_run, tmp_path):
+    cfg = vlm_preset("tiny").override({
+        "vision_init": str(tiny_run.model_dir), "data.train_size": 40, "data.eval_size": 4,
+        "align.language_model": "frozen", "align.vision": "frozen", "align.train.steps": 3,
+        "instruct.language_model": "lora", "instruct.lora_rank": 4, "instruct.train.steps": 3,
+    })
+    run = train_vlm(cfg, tmp_path, progress=False)
+    assert run.status == "done"
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert saved["kind"] == "vlm" and saved["model"]["vision"]["width"] == 64
+    assert (tmp_path / "align" / "model").is_dir() and (tmp_path / "instruct" / "model").is_dir()
+
+
+def test_cli_caption_ask_chat_eval(vlm_run, tmp_path, capsys):
+    from vlmkit.data.sources.shapes import Shapes
+
+    out, _ = vlm_run
+    model = str(out / "model")
+    image = tmp_path / "scene.png"
+    Shapes("heldout", size=1, image_size=48, max_objects=1)[0].image.save(image)
+    assert main(["ask", str(image), "What colour is the circle?", "--model", model, "--max-tokens", "4",
+                 "--heatmap", str(tmp_path / "heat.png")]) == 0
+    assert (tmp_path / "heat.png").is_file()
+    assert main(["caption", str(image), "--model", model, "--max-tokens", "6"]) == 0
+    assert main(["eval", "vqa", "--model", model, "--size", "5", "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "vqa.json").read_text())["vqa"]["count"] > 0
+    capsys.readouterr()
+
+
+def test_cli_errors_are_one_line(vlm_run, tiny_run, tmp_path, capsys):
+    out, _ = vlm_run
+    assert main(["ask", str(tmp_path / "missing.png"), "hi", "--model", str(out / "model")]) == 2
+    assert "missing.png" in capsys.readouterr().err
+    assert main(["ask", str(tmp_path / "missing.png"), "hi", "--model", str(tiny_run.model_dir)]) == 2
+    assert "needs a Stage 2 (vlm) checkpoint" in capsys.readouterr().err
+    assert main(["train", "vlm", "--preset", "tiny", "--out", str(tmp_path / "x"), "--set", "instruct.lr=1"]) == 2
+    assert "unknown config key 'instruct.lr'" in capsys.readouterr().err
+
+
+def test_chat_reads_commands_and_keeps_going_after_a_bad_image(vlm_run, tmp_path, capsys, monkeypatch):
+    import io
+
+    from vlmkit.data.sources.shapes import Shapes
+
+    out, _ = vlm_run
+    image = tmp_path / "scene.png"
+    Shapes("test", size=1, image_size=48, max_objects=1)[0].image.save(image)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
+    script = f"/image {tmp_path / 'bad.png'}\n/image {image}\nWhat colour is the circle?\n/reset\n/quit\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    assert main(["chat", "--model", str(out / "model"), "--max-tokens", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "could not attach" in printed and "bad.png" in printed
+    assert "image attached" in printed and "assistant>" in printed and "conversation cleared" in printed
+
+
+def test_llava_json_data_trains(tmp_path):
+    from vlmkit.data.sources.shapes import Shapes
+
+    shapes = Shapes("train", size=12, image_size=48, max_objects=1)
+    records = []
+    for i in range(12):
+        ex = shapes[i]
+        ex.image.save(tmp_path / f"{i}.png")
+        records.append({"id": str(i), "image": f"{i}.png",
+                        "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
+                                          {"from": "gpt", "value": ex.caption}]})
+    records.append({"id": "broken", "image": "broken.png",
+                    "conversations": [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "x"}]})
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    cfg = vlm_preset("tiny").override({"data.source": str(tmp_path / "data.json"),
+                                       "data.eval_source": str(tmp_path / "data.json"), "data.max_bad_fraction": 0.2,
+                                       "align.skip": True, "instruct.train.steps": 2})
+    run = train_vlm(cfg, tmp_path / "run", progress=False)
+    assert run.status == "done"
+    assert run.results["vqa"]["count"] == 12        # the conversation with the unreadable image was dropped
+
+    (tmp_path / "bad.json").write_text(json.dumps([{"id": "q", "conversations": [{"from": "robot", "value": "hi"}]}]))
+    with pytest.raises(ValueError, match=r"bad.json.*record 0.*'q'"):
+        train_vlm(cfg.override({"data.source": str(tmp_path / "bad.json")}), tmp_path / "run2", progress=False)
