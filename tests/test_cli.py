@@ -29,8 +29,9 @@ def test_presets_lists_every_preset(capsys):
 
 
 def test_help_for_every_command(capsys):
-    for argv in (["train", "clip", "--help"], ["eval", "--help"], ["classify", "--help"], ["embed", "--help"],
-                 ["search", "--help"], ["demo", "--help"]):
+    for argv in (["train", "clip", "--help"], ["train", "vlm", "--help"], ["eval", "clip", "--help"],
+                 ["eval", "vqa", "--help"], ["ask", "--help"], ["chat", "--help"], ["classify", "--help"],
+                 ["embed", "--help"], ["search", "--help"], ["demo", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0
@@ -68,7 +69,7 @@ def test_search_both_directions(tiny_run, shapes_images, tmp_path, capsys):
 
 
 def test_eval_writes_a_report(tiny_run, tmp_path, capsys):
-    assert main(["eval", "--model", str(tiny_run.model_dir), "--size", "50", "--out", str(tmp_path)]) == 0
+    assert main(["eval", "clip", "--model", str(tiny_run.model_dir), "--size", "50", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert 0 <= results["text_to_image_R@1"] <= 1 and "heldout_combos/top1_accuracy" in results
     assert "| text_to_image_R@1 |" in (tmp_path / "results.md").read_text()
@@ -106,10 +107,11 @@ def test_python_api(tiny_run, shapes_images, tmp_path):
 
 def test_demo_end_to_end_in_a_few_steps(tmp_path, capsys):
     """The main job wires everything: train, evaluate, pictures, report (quality is the benchmark's job)."""
-    assert main(["demo", "--out", str(tmp_path), "--steps", "3"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--smoke"]) == 0
     out = capsys.readouterr().out
-    assert "REPORT.md" in out and "text_to_image_R@1" in out
+    assert "REPORT.md" in out and "text_to_image_R@1" in out and "vqa_accuracy" in out
     report = (tmp_path / "REPORT.md").read_text()
-    assert "held-out" in report.lower() or "never seen" in report
-    for name in ("similarity.png", "embedding_map.png", "loss_curve.png", "heldout_0.png"):
+    assert "never seen" in report and "| question | truth | answer |" in report
+    for name in ("stage1/similarity.png", "stage1/embedding_map.png", "stage1/loss_curve.png", "stage1/heldout_0.png",
+                 "stage2/model/model.safetensors", "stage2/eval.md", "question_image_0.png"):
         assert (tmp_path / name).is_file(), name

@@ -13,8 +13,8 @@ from vlmkit.training.instruct import train_vlm
 # object, so even a tiny model trained for seconds must beat chance (1/6) by far.
 LEARNABLE = {"data.source_options": {"image_size": 48, "max_objects": 1, "kinds": ["colour", "caption"]},
              "data.train_size": 600, "data.eval_size": 40,
-             "align.skip": True, "instruct.tasks": ["colour"],
-             "instruct.train.steps": 120, "instruct.train.batch_size": 32, "instruct.train.save_every": 60}
+             "align.skip": True, "instruct.tasks": ["colour"], "instruct.vision": "frozen",
+             "instruct.train.steps": 300, "instruct.train.batch_size": 32, "instruct.train.save_every": 150}
 
 
 @pytest.fixture(scope="module")

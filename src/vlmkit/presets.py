@@ -63,6 +63,22 @@ def _fashion_mnist_lit() -> dict:
     return cfg
 
 
+def _easy_vqa() -> dict:
+    """Contrastive training on Easy-VQA images with captions derived from their answers."""
+    return {
+        "model": {
+            "vision": {"image_size": 64, "patch_size": 16, "width": 128, "depth": 4, "heads": 4, "mlp_dim": 512},
+            "text": {"vocab_size": 200, "width": 128, "depth": 2, "heads": 4, "mlp_dim": 512,
+                     "max_positions": 32, "max_length": 16},
+            "embed_dim": 128,
+            "vision_pool": "cls",
+        },
+        "data": {"source": "easy_vqa", "eval_size": 500},
+        "train": {"steps": 500, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.05,
+                  "save_every": 250},
+    }
+
+
 def _clip_vit_b32() -> dict:
     """The shape of OpenAI's CLIP ViT-B/32 (image tower exact; text tower BERT-style, same size)."""
     return {
@@ -104,6 +120,7 @@ PRESETS: dict[str, Callable[[], dict]] = {
     "shapes": _shapes,
     "fashion-mnist": _fashion_mnist,
     "fashion-mnist-lit": _fashion_mnist_lit,
+    "easy-vqa": _easy_vqa,
     "clip-vit-b32": _clip_vit_b32,
     "siglip-b16": _siglip_b16,
 }
@@ -145,43 +162,40 @@ def _vlm_shapes() -> dict:
         "align": {"train": {"steps": 150, "batch_size": 64, "lr": 2e-3, "warmup_steps": 20, "save_every": 100},
                   "language_model": "full", "tasks": ["caption"]},
         "instruct": {"train": {"steps": 1600, "batch_size": 64, "lr": 1.5e-3, "warmup_steps": 50,
-                               "weight_decay": 0.05, "save_every": 400, "eval_every": 800},
-                     "vision": "full", "vision_lr": 5e-4},
+                               "weight_decay": 0.05, "save_every": 400, "eval_every": 800}},
     }
 
 
 def _vlm_easy_vqa() -> dict:
-    """Easy-VQA (64 px shapes, 13 answers): vision tower and a small LM trained together."""
+    """Easy-VQA (64 px shapes, 13 answers): a small LM from scratch on a Stage 1 `easy-vqa` tower."""
     return {
-        "model": {"vision": {"image_size": 64, "patch_size": 16, "width": 128, "depth": 4, "heads": 4,
-                             "mlp_dim": 512},
+        "model": {"vision": _easy_vqa()["model"]["vision"],
                   "decoder": {"width": 192, "depth": 3, "heads": 4, "kv_heads": 2, "mlp_dim": 512,
                               "max_positions": 96}},
         "data": {"source": "easy_vqa", "eval_size": 1000},
         "tokenizer_vocab": 300,
         "align": {"skip": True},
-        "instruct": {"train": {"steps": 1500, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100,
-                               "weight_decay": 0.05, "save_every": 250, "eval_every": 500},
-                     "vision": "full"},
+        "instruct": {"train": {"steps": 1500, "batch_size": 64, "lr": 1.5e-3, "warmup_steps": 50,
+                               "weight_decay": 0.05, "save_every": 250, "eval_every": 500}},
     }
 
 
 def _llava_smol() -> dict:
-    """A real brain: the shapes Stage 1 vision tower + MLP projector + SmolLM2-135M-Instruct.
+    """A real brain: a Stage 1 vision tower + MLP projector + SmolLM2-135M-Instruct (LoRA).
 
-    Align trains the projector alone on captions; instruct adds LoRA adapters to the LM, so
-    its pretrained language ability is kept.
+    The projector and LoRA adapters train (the LM's own weights stay as they are, so its
+    language ability is kept); set `vision_init` to a Stage 1 checkpoint.
     """
     return {
         "model": {"vision": {"image_size": 64, "patch_size": 16, "width": 128, "depth": 4, "heads": 4,
                              "mlp_dim": 512},
                   "decoder": {"max_positions": 256}},
         "lm_init": "smollm2",
-        "data": {"source": "easy_vqa", "eval_size": 100, "max_length": 96},
+        "data": {"source": "easy_vqa", "eval_size": 50, "max_length": 96},
         "align": {"skip": True},
-        "instruct": {"train": {"steps": 400, "batch_size": 16, "lr": 1e-3, "warmup_steps": 30,
-                               "save_every": 100, "eval_every": 0},
-                     "vision": "full", "language_model": "lora", "lora_rank": 16, "lora_alpha": 32},
+        "instruct": {"train": {"steps": 150, "batch_size": 8, "lr": 1e-3, "warmup_steps": 15,
+                               "save_every": 50, "eval_every": 0},
+                     "language_model": "lora", "lora_rank": 16, "lora_alpha": 32},
     }
 
 

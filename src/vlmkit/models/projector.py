@@ -84,3 +84,25 @@ class Projector(nn.Module):
         if self.kind == "pixel_shuffle":
             patches = pixel_shuffle(patches, self.factor)
         return self.net(patches)
+
+    @torch.no_grad()
+    def calibrate(self, patches: torch.Tensor) -> None:
+        """Data-dependent init: make the first layer see standardised features.
+
+        Raw ViT outputs are dominated by a part that is the same for every image (position
+        embeddings, mostly); what differs between images can be 1% of a token's norm. Folding
+        per-channel mean and std, measured on `patches` [n, N, Dv], into the first linear layer
+        lets the LM see image content from step one, and keeps the projector a plain
+        Linear-GELU-Linear (the layout LLaVA checkpoints use).
+        """
+        if self.kind == "pixel_shuffle":
+            patches = pixel_shuffle(patches, self.factor)
+        first = self.net.fc1 if self.kind != "resampler" else None
+        if first is None:
+            return  # the resampler normalises its inputs with LayerNorm already
+        x = patches.reshape(-1, patches.shape[-1]).float()
+        mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+        # fc1(x) = W x + b  ->  W ((x - mean) / std) + b  =  (W / std) x + (b - W (mean / std))
+        w = first.weight / std
+        first.bias.copy_(first.bias - w @ mean)
+        first.weight.copy_(w)

@@ -157,6 +157,10 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
         results, _ = evaluate_vlm(model, tokenizer, _subset(eval_set, eval_probe), progress=False)
         return headline(results)
 
+    if not (resume and any((out_dir / n / "checkpoints").is_dir() or (out_dir / n / "model").is_dir()
+                           for n in ("align", "instruct"))):
+        _calibrate_projector(model, train_set, device)
+
     # ---- the two phases
     for name in ("align", "instruct"):
         phase: PhaseConfig = getattr(cfg, name)
@@ -210,6 +214,16 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
             for r in records:
                 f.write(json.dumps(r) + "\n")
     return VlmRun(out_dir / "model", results, "done")
+
+
+@torch.no_grad()
+def _calibrate_projector(model: VisionLanguageModel, data: ConversationSet, device, images: int = 512) -> None:
+    """Standardise the projector's input on a sample of training images (see Projector.calibrate)."""
+    rows = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(0))[:images]
+    tokens = model.vision_tower(data.images.pixels(rows).to(device), layer=model.cfg.vision_layer)
+    if model.cfg.vision_select == "patch":
+        tokens = tokens[:, model.vision_tower.prefix:]
+    model.multi_modal_projector.calibrate(tokens)
 
 
 def _subset(data: ConversationSet, indices: list[int]) -> ConversationSet:
