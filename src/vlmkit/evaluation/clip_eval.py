@@ -34,6 +34,7 @@ def zero_shot_sets(source, data: PreparedPairs, transform, size: int, source_opt
         sets.append(ZeroShotSet("heldout_combos", prepare(heldout, transform, desc="held-out"),
                                 heldout.classes, heldout.templates))
     elif source.classes:
+        data = data.subset(data.labels >= 0)  # images whose class the source does not know (-1) cannot be scored
         sets.append(ZeroShotSet("zero_shot", data, source.classes, source.templates))
         if keep_classes:  # classes whose names training never paired with an image
             unseen = [i for i, c in enumerate(source.classes) if c not in keep_classes]
