@@ -283,3 +283,19 @@ def test_stop_strings_cut_the_text(tokenizer, tmp_path):
     stop = free[2:4]
     cut = m.ask(image, "Describe the image.", max_new_tokens=12, temperature=1.0, seed=1, stop=[stop])
     assert cut == free[: free.index(stop)]
+
+
+def test_explain_writes_a_heatmap_and_refuses_an_empty_answer(tokenizer, tmp_path):
+    import vlmkit
+    from PIL import Image
+
+    model = tiny_vlm(tokenizer, seed=7)
+    save_checkpoint(tmp_path / "m", model, "vlm", model.cfg.to_dict(), tokenizer, ImageTransform(size=32).to_dict())
+    m = vlmkit.load(tmp_path / "m", device="cpu")
+    image = Image.new("RGB", (32, 32), (0, 200, 0))
+    tokens, attn = m.attention(image, "What colour is the circle?", answer="red")
+    assert tokens == ["red"] and attn.shape == (1, 16)
+    torch.testing.assert_close(attn.sum(), attn.sum().clamp(max=1.0))   # a share of the attention, at most all
+    assert m.explain(image, "What colour is the circle?", tmp_path / "h.png", answer="red").is_file()
+    with pytest.raises(ValueError, match="answer is empty"):
+        m.explain(image, "What colour is the circle?", tmp_path / "e.png", answer="")

@@ -220,7 +220,7 @@ class VisionLanguageAssistant:
         answer_rows = [i for i, label in enumerate(enc.labels) if label != -100 and label != self.tokenizer.eos_id]
         image_cols = (ids[0] == self.model.image_token_id).nonzero().flatten()
         # Row i - 1 is the position that predicted answer token i.
-        rows = torch.tensor([i - 1 for i in answer_rows], device=self.device)
+        rows = torch.tensor([i - 1 for i in answer_rows], dtype=torch.long, device=self.device)
         attn = weights[rows][:, image_cols].cpu()
         tokens = [self.tokenizer.decode([enc.ids[i]]) for i in answer_rows]
         return tokens, attn
