@@ -15,7 +15,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -32,6 +31,7 @@ from vlmkit.losses import answer_loss, answer_positions
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.training import distributed
 from vlmkit.training.lora import inject_lora, merge_lora
+from vlmkit.training.contrastive import BatchPlan
 from vlmkit.training.trainer import Trainer, param_groups
 
 
@@ -119,10 +119,9 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
     # ---- the brain: a pretrained LM (its tokenizer comes with it) or a small one from scratch
     lm_state = None
     if cfg.lm_init:
-        from vlmkit.convert.gguf import load_gguf, smollm2_path
+        from vlmkit.convert.gguf import load_gguf, resolve
 
-        lm, tokenizer = load_gguf(smollm2_path() if cfg.lm_init == "smollm2" else cfg.lm_init,
-                                  max_positions=model_cfg.decoder.max_positions)
+        lm, tokenizer = load_gguf(resolve(cfg.lm_init), max_positions=model_cfg.decoder.max_positions)
         decoder_cfg, lm_state = lm.cfg, lm.state_dict()
         del lm
     else:
@@ -176,10 +175,11 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
             raise DataError(f"phase {name!r}: no training conversations of kinds {phase.tasks}; "
                             f"the data has {dict(train_set.kinds())}")
         set_trainable(model, phase)
-        plan = _Plan(len(rows), phase.train.batch_size, phase.train.grad_accum, phase.train.seed)
+        # A phase with fewer conversations than a batch (a small LLaVA file) trains on all of them each step.
+        plan = BatchPlan(len(rows), min(phase.train.batch_size, len(rows)), phase.train.grad_accum, phase.train.seed)
 
         def batch_fn(step: int, micro: int, rows=rows, plan=plan):
-            chosen = [rows[i] for i in plan(step, micro)]
+            chosen = [rows[i] for i in plan(step, micro).tolist()]
             batch = collate([encoded[i] for i in chosen], tokenizer.pad_id)
             image_rows = [r for i in chosen for r in train_set.conversations[i].images]
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -228,17 +228,3 @@ def _calibrate_projector(model: VisionLanguageModel, data: ConversationSet, devi
 
 def _subset(data: ConversationSet, indices: list[int]) -> ConversationSet:
     return ConversationSet(data.images, [data.conversations[i] for i in indices], data.dropped)
-
-
-class _Plan:
-    """Rows of micro-batch (step, micro): a pure function of the seed and the step (exact resume)."""
-
-    def __init__(self, n: int, batch_size: int, grad_accum: int, seed: int):
-        self.n, self.batch_size, self.grad_accum, self.seed = n, batch_size, grad_accum, seed
-        self.per_epoch = max(1, n // batch_size)
-
-    def __call__(self, step: int, micro: int) -> list[int]:
-        epoch, pos = divmod(step * self.grad_accum + micro, self.per_epoch)
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        rows = perm[pos * self.batch_size: (pos + 1) * self.batch_size]
-        return rows[distributed.rank():: distributed.world_size()].tolist()

@@ -8,11 +8,12 @@ is row i (render it with `.source[i]`, or `ShapesVQA[i]` which is the same).
 """
 from __future__ import annotations
 
-import math
 import random
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
+
+from vlmkit.evaluation import grounding
 
 from ..conversation import IMAGE_PLACEHOLDER, Conversation, Message
 from .base import Example, Source
@@ -33,15 +34,14 @@ class QA:
 
 
 def format_box(box: Sequence[float], image_size: int | tuple[int, int]) -> str:
-    """Pixel box (x0, y0, x1, y1) -> "[x0, y0, x1, y1]" in integer percent (0..100) of the image."""
+    """Pixel box (x0, y0, x1, y1) -> "[x0, y0, x1, y1]" in integer percent (0..100) of the image.
+
+    The one box format of training data and evaluation lives in `evaluation/grounding.py`.
+    """
     w, h = (image_size, image_size) if isinstance(image_size, int) else image_size
     if w <= 0 or h <= 0:
         raise ValueError(f"image_size must be positive, got {image_size!r}")
-    if len(box) != 4:
-        raise ValueError(f"box must be (x0, y0, x1, y1), got {box!r}")
-    # Round half up (not Python's half-to-even), clamped so a box touching the edge reads 100.
-    pct = [min(100, max(0, math.floor(100 * v / s + 0.5))) for v, s in zip(box, (w, h, w, h))]
-    return "[" + ", ".join(str(p) for p in pct) + "]"
+    return grounding.format_box(box, w, h)
 
 
 def _article(word: str) -> str:
