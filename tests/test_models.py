@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from vlmkit.config import DualEncoderConfig, TextConfig, VisionConfig
 from vlmkit.models.dual_encoder import DualEncoder

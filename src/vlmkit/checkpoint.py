@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from vlmkit.config import FORMAT_VERSION, ConfigError
 
 REQUIRED_FILES = ("config.json", "model.safetensors")
+MODEL_KINDS = ("dual_encoder", "vlm", "text_encoder", "decoder")
 
 
 class CheckpointError(ValueError):
@@ -35,6 +37,32 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Build a directory in a hidden sibling, then swap it in for `path`.
+
+    A crash at any moment leaves the old directory or the complete new one, never a mix.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_tree(tmp)
+    if path.exists():  # replace: move the old one aside first so a crash never leaves neither
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 def save_checkpoint(
@@ -49,33 +77,21 @@ def save_checkpoint(
 ) -> Path:
     """Write a complete checkpoint directory at `path`, replacing any old one atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    config = {"format_version": FORMAT_VERSION, "kind": kind, "model": model_config}
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    weights = {k: v.detach().contiguous().cpu() for k, v in unique_state_dict(model).items()}
-    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save(tmp)
-    if preprocessor is not None:
-        (tmp / "preprocessor.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
-    if trainer_state is not None:
-        (tmp / "trainer_state").mkdir()
-        torch.save(trainer_state, tmp / "trainer_state" / "state.pt")
-    for name, source in (extra_files or {}).items():
-        if Path(source).exists():
-            shutil.copyfile(source, tmp / name)
-    _fsync_tree(tmp)
-    if path.exists():  # replace: move the old one aside first so a crash never leaves neither
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
+    with atomic_dir(path) as tmp:
+        config = {"format_version": FORMAT_VERSION, "kind": kind, "model": model_config}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        weights = {k: v.detach().contiguous().cpu() for k, v in unique_state_dict(model).items()}
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if preprocessor is not None:
+            (tmp / "preprocessor.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+        if trainer_state is not None:
+            (tmp / "trainer_state").mkdir()
+            torch.save(trainer_state, tmp / "trainer_state" / "state.pt")
+        for name, source in (extra_files or {}).items():
+            if Path(source).exists():
+                shutil.copyfile(source, tmp / name)
     return path
 
 
@@ -164,7 +180,17 @@ def build_model(kind: str, model_config: dict[str, Any]) -> torch.nn.Module:
         from vlmkit.models.vlm import VisionLanguageModel
 
         return VisionLanguageModel(VLMConfig.from_dict(model_config, "config.json model"))
-    raise ConfigError(f"unknown model kind {kind!r}; known kinds: dual_encoder, vlm")
+    if kind == "text_encoder":
+        from vlmkit.config import TextConfig
+        from vlmkit.models.text_encoder import TextEncoder
+
+        return TextEncoder(TextConfig.from_dict(model_config, "config.json model"))
+    if kind == "decoder":
+        from vlmkit.config import DecoderConfig
+        from vlmkit.models.decoder import DecoderLM
+
+        return DecoderLM(DecoderConfig.from_dict(model_config, "config.json model"))
+    raise ConfigError(f"unknown model kind {kind!r}; known kinds: {', '.join(MODEL_KINDS)}")
 
 
 def load_model(path: str | Path) -> torch.nn.Module:

@@ -389,6 +389,24 @@ def demo(out: str = "runs/demo", steps: int | None = None, vlm_steps: int | None
     run_demo(out, steps, vlm_steps, smoke)
 
 
+def convert(source: str, out: str, download: bool = False) -> None:
+    """Import a Hugging Face / GGUF checkpoint into vlmkit, or export a vlmkit one to Hugging Face.
+
+    The direction follows SOURCE: a vlmkit checkpoint is exported (VLM -> LLaVA, CLIP-shaped
+    dual encoder -> CLIPModel, decoder -> LlamaForCausalLM); a Hugging Face directory (CLIP,
+    SigLIP, BERT, Llama, Qwen2, LLaVA) or a .gguf file (or `smollm2`) is imported.
+
+    Args:
+        source: a local directory or .gguf file (a Hub id only with --download).
+        out: the directory to write.
+        download: allow fetching SOURCE from the Hugging Face Hub when it is not a local path.
+    """
+    from vlmkit.convert.auto import convert as run
+
+    done, path = run(source, out, download)
+    print(f"{done}: {path}")
+
+
 COMMANDS: dict[str, Callable | dict[str, Callable]] = {
     "presets": presets,
     "train": {"clip": train_clip, "vlm": train_vlm},
@@ -400,6 +418,7 @@ COMMANDS: dict[str, Callable | dict[str, Callable]] = {
     "classify": classify,
     "embed": embed,
     "search": search,
+    "convert": convert,
     "demo": demo,
 }
 

@@ -170,7 +170,12 @@ class VisionConfig(Config):
 
 @dataclass
 class TextConfig(Config):
-    """A BERT-compatible text encoder (post-norm, learned positions, token types)."""
+    """A transformer text encoder with learned positions, in one of two layouts.
+
+    "bert": word + position + token-type embeddings, embedding LayerNorm, post-norm blocks
+    (BERT / MiniLM). "pre_norm": word + position embeddings, pre-norm blocks, a final
+    LayerNorm (CLIP's and SigLIP's text towers; type_vocab_size is unused there).
+    """
 
     vocab_size: int = 30522
     width: int = 384
@@ -182,6 +187,11 @@ class TextConfig(Config):
     act: Literal["gelu", "gelu_tanh", "quick_gelu"] = "gelu"
     norm_eps: float = 1e-12
     max_length: int = 64            # captions are truncated to this many tokens
+    layout: Literal["bert", "pre_norm"] = "bert"
+    causal: bool = False            # CLIP's text tower: each token sees only the tokens before it
+    # SigLIP was trained on text padded to a fixed length with the padding attended to like
+    # any other token; False reproduces that (the mask passed to the encoder is then ignored).
+    mask_padding: bool = True
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "width", "depth", "heads", "mlp_dim", "max_positions", "max_length"):
@@ -198,8 +208,14 @@ class DualEncoderConfig(Config):
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     embed_dim: int = 512
-    vision_pool: Literal["cls", "mean"] = "cls"
-    text_pool: Literal["cls", "mean"] = "mean"
+    # "map": SigLIP's attention-pooling head, which also serves as the image projection
+    # (its output width is vision.width, so embed_dim must equal it).
+    vision_pool: Literal["cls", "mean", "map"] = "cls"
+    # "eos": the last real token by the mask; CLIP's tokenizer ends every text with its EOS
+    # token and pads after it, so this is CLIP's EOS pooling. "last": the final position,
+    # padding or not (SigLIP, whose texts are padded to a fixed length).
+    text_pool: Literal["cls", "mean", "eos", "last"] = "mean"
+    text_proj_bias: bool = False               # SigLIP's text head has a bias; CLIP's projection has none
     loss: Literal["infonce", "siglip"] = "infonce"
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100.0)   # CLIP clamps the temperature at 100
@@ -209,6 +225,11 @@ class DualEncoderConfig(Config):
         _require(self.embed_dim > 0, "embed_dim must be positive")
         _require(not (self.vision_pool == "cls" and not self.vision.class_token),
                  "vision_pool 'cls' needs vision.class_token = true")
+        _require(not (self.vision_pool == "map" and self.embed_dim != self.vision.width),
+                 f"vision_pool 'map' projects with its pooling head, whose output width is vision.width "
+                 f"{self.vision.width}; set embed_dim to {self.vision.width} (got {self.embed_dim})")
+        _require(not (self.text_pool == "cls" and self.text.causal),
+                 "text_pool 'cls' with text.causal = true pools a token that sees only itself; use 'eos'")
 
 
 @dataclass
@@ -398,7 +419,9 @@ class VlmRunConfig(Config):
     model: VLMConfig = field(default_factory=VLMConfig)
     data: VlmDataConfig = field(default_factory=VlmDataConfig)
     vision_init: str | None = None         # a Stage 1 checkpoint directory (its vision tower is used)
-    lm_init: str | None = None             # "smollm2" or a .gguf file; None: train the LM from scratch
+    # "smollm2", a .gguf file, a Hugging Face Llama/Qwen2 directory or a vlmkit decoder
+    # checkpoint (`vlmkit convert`); None: train a small LM from scratch
+    lm_init: str | None = None
     tokenizer_vocab: int = 1000            # from-scratch LM: size of the BPE vocabulary trained on the data
     align: PhaseConfig = field(default_factory=lambda: PhaseConfig(language_model="frozen", tasks=["caption"]))
     instruct: PhaseConfig = field(default_factory=PhaseConfig)

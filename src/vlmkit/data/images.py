@@ -8,6 +8,7 @@ preprocessor.json.
 from __future__ import annotations
 
 import io
+import math
 import os
 import random
 import threading
@@ -124,6 +125,9 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
 _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
              "bicubic": Image.Resampling.BICUBIC}
 _RESIZE_MODES = ("squash", "shortest_crop", "pad")
+# Above this many pixels the intermediate of the `shortest_edge` resize is not materialised.
+_MAX_RESIZED_PIXELS = 1 << 25
+_LATER_FIELDS = ("shortest_edge", "rescale_factor")
 
 
 @dataclass
@@ -132,6 +136,12 @@ class ImageTransform:
 
     resize_mode: "squash" (ignore aspect), "shortest_crop" (shortest side to `size`, centre
     crop, as CLIP does) or "pad" (letterbox with the mean colour, so padding normalises to 0).
+    shortest_edge (only with "shortest_crop"): resize the whole image so its shortest side is
+    this many pixels, then centre-crop `size` x `size`, in Hugging Face CLIPImageProcessor's
+    order and rounding, which gives its pixels exactly; None keeps vlmkit's original crop of the
+    centred square resized to `size` (same geometry up to sub-pixel offsets, other pixels).
+    rescale_factor: uint8 value -> float before mean/std (HF's rescale_factor; 1.0 when a
+    processor has do_rescale=False).
     random_crop_scale < 1 adds, only when `train=True`, a random crop of that fraction..1 of
     the area with the aspect kept; off by default because `shapes` captions name positions.
     """
@@ -142,6 +152,8 @@ class ImageTransform:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     interpolation: str = "bicubic"
     random_crop_scale: float = 1.0
+    shortest_edge: int | None = None
+    rescale_factor: float = 1 / 255
 
     def __post_init__(self) -> None:
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
@@ -161,6 +173,19 @@ class ImageTransform:
             setattr(self, name, value)  # lists from JSON become tuples
         if not 0.0 < float(self.random_crop_scale) <= 1.0:
             raise ValueError(f"random_crop_scale must be in (0, 1], got {self.random_crop_scale!r}")
+        if self.shortest_edge is not None:
+            se = self.shortest_edge
+            if isinstance(se, bool) or not isinstance(se, int) or se < self.size:
+                raise ValueError(f"shortest_edge must be an int >= size ({self.size}) or None, got {se!r}")
+            if self.resize_mode != "shortest_crop":
+                raise ValueError(f"shortest_edge is only used with resize_mode 'shortest_crop', "
+                                 f"got resize_mode {self.resize_mode!r}")
+        try:
+            self.rescale_factor = float(self.rescale_factor)
+        except (TypeError, ValueError):
+            raise ValueError(f"rescale_factor must be a number > 0, got {self.rescale_factor!r}") from None
+        if not (self.rescale_factor > 0 and math.isfinite(self.rescale_factor)):
+            raise ValueError(f"rescale_factor must be a number > 0, got {self.rescale_factor!r}")
 
     def __call__(self, img: Image.Image, train: bool = False, rng: random.Random | None = None) -> torch.Tensor:
         img = _to_rgb(img)
@@ -172,7 +197,10 @@ class ImageTransform:
             cw, ch = w * side, h * side
             x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
             box = (x0, y0, x0 + cw, y0 + ch)
-        x = torch.from_numpy(np.asarray(self._resize(img, box), dtype=np.float32) / 255.0).permute(2, 0, 1)
+        # float64 product then float32, as HF's rescale does; for 1/255 this equals the float32
+        # division vlmkit used before, bit for bit, for every uint8 value.
+        pixels = np.asarray(self._resize(img, box), dtype=np.float64) * self.rescale_factor
+        x = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
         return ((x - mean) / std).contiguous()
@@ -190,6 +218,8 @@ class ImageTransform:
         bw, bh = x1 - x0, y1 - y0
         if self.resize_mode == "squash":
             return img.resize((s, s), resample, box=box)
+        if self.resize_mode == "shortest_crop" and self.shortest_edge is not None:
+            return self._resize_then_crop(img, box, resample)
         if self.resize_mode == "shortest_crop":
             side = min(bw, bh)
             cx, cy = x0 + (bw - side) / 2, y0 + (bh - side) / 2
@@ -202,9 +232,36 @@ class ImageTransform:
         canvas.paste(img.resize((nw, nh), resample, box=box), ((s - nw) // 2, (s - nh) // 2))
         return canvas
 
+    def _resize_then_crop(self, img: Image.Image, box: tuple[float, float, float, float],
+                          resample: Image.Resampling) -> Image.Image:
+        # Hugging Face's CLIP order: the short side to `shortest_edge` with the long side
+        # truncated to int (HF and torchvision compute `int(edge * long / short)`), resampled on
+        # uint8 by PIL, then a centre crop at floor offsets. Resizing the full box and cropping is
+        # what makes the pixels equal: resizing only the crop window samples differently.
+        x0, y0, x1, y1 = box
+        bw, bh = x1 - x0, y1 - y0
+        edge, s = self.shortest_edge, self.size
+        if bw <= bh:
+            nw, nh = edge, int(edge * bh / bw)
+        else:
+            nw, nh = int(edge * bw / bh), edge
+        left, top = (nw - s) // 2, (nh - s) // 2
+        if nw * nh <= _MAX_RESIZED_PIXELS:
+            return img.resize((nw, nh), resample, box=box).crop((left, top, left + s, top + s))
+        # A sliver (say 10000x1) would need gigabytes at full size: resize just the crop
+        # window; same geometry, but the pixels then differ from HF's by resampling detail.
+        sx, sy = bw / nw, bh / nh
+        window = (x0 + left * sx, y0 + top * sy, x0 + (left + s) * sx, y0 + (top + s) * sy)
+        return img.resize((s, s), resample, box=window)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)  # JSON has no tuples
+        # Fields added later are written only when they differ from their defaults, so a
+        # checkpoint that does not use them stays readable by vlmkit versions without them.
+        for f in fields(self):
+            if f.name in _LATER_FIELDS and d[f.name] == f.default:
+                del d[f.name]
         return d
 
     @classmethod

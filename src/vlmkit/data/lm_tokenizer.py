@@ -77,7 +77,12 @@ class LMTokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "LMTokenizer":
-        """Load a directory with `tokenizer.json` and `tokenizer_config.json`."""
+        """Load a directory with `tokenizer.json` and `tokenizer_config.json`.
+
+        Hugging Face directories spread the same facts over more files: older ones keep the
+        special tokens in `special_tokens_map.json`, and transformers 5 saves the chat
+        template as `chat_template.jinja`; both are read when tokenizer_config.json lacks them.
+        """
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
@@ -88,13 +93,23 @@ class LMTokenizer:
             backend = HFTokenizer.from_file(str(file))
         except Exception as e:  # the Rust side raises plain Exceptions
             raise ValueError(f"malformed tokenizer file {file}: {e}") from e
-        specials = {k: (v["content"] if isinstance(v, dict) else v)
-                    for k, v in config.items() if k in ("eos_token", "bos_token", "pad_token") and v}
+        map_file = file.parent / "special_tokens_map.json"
+        special_map = json.loads(map_file.read_text()) if map_file.is_file() else {}
+        specials = {}
+        for name in ("eos_token", "bos_token", "pad_token"):
+            value = config.get(name) or special_map.get(name)
+            if value:
+                specials[name] = value["content"] if isinstance(value, dict) else value
         if "eos_token" not in specials:
             raise ValueError(f"{config_file}: no eos_token; the generator needs to know where answers end")
         specials.setdefault("pad_token", specials["eos_token"])
-        return cls(backend, specials, config.get("chat_template") or CHATML_TEMPLATE,
-                   int(config.get("model_max_length", 2048)))
+        template = config.get("chat_template")
+        if isinstance(template, list):  # older files: named templates; the unnamed use is "default"
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        template_file = file.parent / "chat_template.jinja"
+        if not template and template_file.is_file():
+            template = template_file.read_text()
+        return cls(backend, specials, template or CHATML_TEMPLATE, int(config.get("model_max_length", 2048)))
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)

@@ -4,6 +4,10 @@ It trains small WordPiece or byte-level BPE vocabularies on a caption corpus, lo
 BERT tokenizers (`tokenizer.json` or a bare `vocab.txt`), and encodes batches straight to the
 `(input_ids, attention_mask)` tensors a text encoder takes. Every tokenizer it builds wraps a
 sequence as `[CLS] ... [SEP]`, so a model never needs to know which kind it was given.
+
+A pretrained `tokenizer.json` keeps its own post-processor (CLIP's `<|startoftext|> ...
+<|endoftext|>`, SigLIP's `... </s>`); there the start/end tokens stand in for [CLS]/[SEP].
+`pad_to_max_length` pads every batch to `max_length`, as SigLIP was trained.
 """
 from __future__ import annotations
 
@@ -31,11 +35,12 @@ class Tokenizer:
     """Batch encoder/decoder with fixed special tokens; see the module docstring."""
 
     def __init__(self, backend: HFTokenizer, special_tokens: dict[str, str] | None = None,
-                 lowercase: bool = True, model_max_length: int = 512) -> None:
+                 lowercase: bool = True, model_max_length: int = 512, pad_to_max_length: bool = False) -> None:
         self._backend = backend
         self.special_tokens = {**DEFAULT_SPECIAL_TOKENS, **(special_tokens or {})}
         self.lowercase = lowercase
         self.model_max_length = model_max_length
+        self.pad_to_max_length = pad_to_max_length
         # encode() sets padding/truncation per call; a saved file may carry its own
         # (MiniLM's tokenizer.json pads everything to 128), which would override ours.
         backend.no_padding()
@@ -95,8 +100,8 @@ class Tokenizer:
         config = _read_json(path.parent / "tokenizer_config.json", missing_ok=True)
         # Older configs store special tokens as serialised AddedToken dicts.
         named = {k: v["content"] if isinstance(v, dict) else str(v)
-                 for k, v in config.items() if k in DEFAULT_SPECIAL_TOKENS and v}
-        specials = {**DEFAULT_SPECIAL_TOKENS, **named}
+                 for k, v in config.items() if k in (*DEFAULT_SPECIAL_TOKENS, *_START_END) and v}
+        specials = {**DEFAULT_SPECIAL_TOKENS, **_start_end_as_cls_sep(named)}
         if path.suffix == ".json":
             spec = _read_json(path)
             try:
@@ -110,7 +115,8 @@ class Tokenizer:
         try:
             if backend.post_processor is None:  # keep the [CLS] ... [SEP] contract for any file
                 backend.post_processor = _bert_template(backend, specials)
-            return cls(backend, specials, lowercase, int(config.get("model_max_length", 512)))
+            return cls(backend, specials, lowercase, int(config.get("model_max_length", 512)),
+                       bool(config.get("pad_to_max_length", False)))
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
 
@@ -122,11 +128,16 @@ class Tokenizer:
         # The keys follow transformers' format, so AutoTokenizer can read the folder too.
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.special_tokens,
                   "do_lower_case": self.lowercase, "model_max_length": self.model_max_length}
+        if self.pad_to_max_length:
+            config["pad_to_max_length"] = True
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         return directory
 
     def encode(self, texts: str | Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return `(input_ids, attention_mask)`, both LongTensor [B, T], T <= max_length."""
+        """Return `(input_ids, attention_mask)`, both LongTensor [B, T], T <= max_length.
+
+        T is the longest text's length, or exactly max_length with `pad_to_max_length`.
+        """
         batch = [texts] if isinstance(texts, str) else list(texts)
         if not batch:
             raise ValueError("encode() needs at least one text")
@@ -134,7 +145,8 @@ class Tokenizer:
             raise ValueError(f"max_length={max_length} leaves no room for text between [CLS] and [SEP]")
         # Truncation runs before the post-processor adds [CLS]/[SEP], so [SEP] stays last, as in HF.
         self._backend.enable_truncation(max_length)
-        self._backend.enable_padding(pad_id=self.pad_id, pad_token=self.special_tokens["pad_token"])
+        self._backend.enable_padding(pad_id=self.pad_id, pad_token=self.special_tokens["pad_token"],
+                                     length=max_length if self.pad_to_max_length else None)
         try:
             encodings = self._backend.encode_batch(batch)
         finally:  # leave the backend clean so save() never writes per-call settings
@@ -186,6 +198,24 @@ class Tokenizer:
 
 
 # --------------------------------------------------------------------- helpers
+_START_END = ("bos_token", "eos_token")
+
+
+def _start_end_as_cls_sep(named: dict[str, str]) -> dict[str, str]:
+    """CLIP- and SigLIP-style configs name bos/eos, not cls/sep: let those fill the roles.
+
+    A tokenizer with no start token at all (SigLIP: `... </s>`) uses its end token for both;
+    its own post-processor, not these names, decides what an encoding holds.
+    """
+    out = {k: v for k, v in named.items() if k in DEFAULT_SPECIAL_TOKENS}
+    start, end = named.get("bos_token"), named.get("eos_token")
+    if end and "sep_token" not in out:
+        out["sep_token"] = end
+    if "cls_token" not in out and (start or end):
+        out["cls_token"] = start or end
+    return out
+
+
 def _bert_template(backend: HFTokenizer, specials: dict[str, str]) -> processors.TemplateProcessing:
     cls_tok, sep_tok = specials["cls_token"], specials["sep_token"]
     cls_id, sep_id = backend.token_to_id(cls_tok), backend.token_to_id(sep_tok)

@@ -5,7 +5,6 @@ detail survives for Stage 2; pooling to one vector is the dual encoder's job.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

@@ -106,8 +106,13 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
         data_cfg = data_cfg.replace(image_size=pre.get("size", vision_cfg.image_size),
                                     resize_mode=pre.get("resize_mode", data_cfg.resize_mode),
                                     mean=pre.get("mean", data_cfg.mean), std=pre.get("std", data_cfg.std))
-    transform = ImageTransform(size=data_cfg.image_size or model_cfg.vision.image_size,
-                               resize_mode=data_cfg.resize_mode, mean=data_cfg.mean, std=data_cfg.std)
+    if vision_state is not None and pre:
+        # The tower's own preprocessing, whole: an imported CLIP also carries its
+        # shortest-edge resize and rescale factor, which the data config has no fields for.
+        transform = ImageTransform.from_dict(pre)
+    else:
+        transform = ImageTransform(size=data_cfg.image_size or model_cfg.vision.image_size,
+                                   resize_mode=data_cfg.resize_mode, mean=data_cfg.mean, std=data_cfg.std)
 
     # ---- data
     train_set = build_set(data_cfg, "train", data_cfg.train_size, transform)
@@ -119,9 +124,9 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
     # ---- the brain: a pretrained LM (its tokenizer comes with it) or a small one from scratch
     lm_state = None
     if cfg.lm_init:
-        from vlmkit.convert.gguf import load_gguf, resolve
+        from vlmkit.convert.auto import load_decoder
 
-        lm, tokenizer = load_gguf(resolve(cfg.lm_init), max_positions=model_cfg.decoder.max_positions)
+        lm, tokenizer = load_decoder(cfg.lm_init, max_positions=model_cfg.decoder.max_positions)
         decoder_cfg, lm_state = lm.cfg, lm.state_dict()
         del lm
     else:

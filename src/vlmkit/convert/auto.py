@@ -1,0 +1,133 @@
+"""`vlmkit convert SOURCE OUT`: pick the converter from what SOURCE is.
+
+* a vlmkit checkpoint directory is exported to Hugging Face (VLM -> LLaVA, CLIP-shaped dual
+  encoder -> CLIPModel, decoder -> LlamaForCausalLM / Qwen2ForCausalLM);
+* a Hugging Face directory (by its config.json `model_type`) or a `.gguf` file is imported
+  into a vlmkit checkpoint directory that `vlmkit.load` and the CLI read.
+
+Nothing is downloaded unless `download=True` is asked for and SOURCE is not a local path.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlmkit.convert import hf_io
+from vlmkit.convert.bert import ConversionError
+
+# model_type in config.json -> what it becomes
+IMPORTS = {
+    "bert": "text_encoder", "clip": "dual_encoder", "siglip": "dual_encoder",
+    "llama": "decoder", "qwen2": "decoder", "llava": "vlm",
+}
+EXPORTS = {"vlm": "LlavaForConditionalGeneration", "dual_encoder": "CLIPModel", "decoder": "LlamaForCausalLM"}
+GGUF_NAMES = ("smollm2",)
+
+
+def detect(source: Path) -> str:
+    """"gguf", "vlmkit:<kind>" or an HF model_type from IMPORTS; anything else is an error."""
+    if source.suffix == ".gguf" or str(source) in GGUF_NAMES:
+        return "gguf"
+    config = hf_io.read_config(source)
+    if "format_version" in config and "kind" in config:
+        return f"vlmkit:{config['kind']}"
+    model_type = config.get("model_type")
+    if model_type not in IMPORTS:
+        raise ConversionError(f"{source}: model_type {model_type!r} cannot be imported; supported: "
+                              f"{', '.join(sorted(IMPORTS))}, and .gguf files (llama, qwen2)")
+    return model_type
+
+
+def convert(source: str | Path, out: str | Path, download: bool = False) -> tuple[str, Path]:
+    """Convert SOURCE into OUT; returns (a one-line description of what was done, OUT)."""
+    if str(source) not in GGUF_NAMES:
+        source = hf_io.resolve_source(source, download)
+    source, out = Path(source), Path(out)
+    what = detect(source)
+    if what.startswith("vlmkit:"):
+        kind = what.split(":", 1)[1]
+        if kind == "vlm":
+            from vlmkit.convert.hf_llava import save_hf_llava as export
+        elif kind == "dual_encoder":
+            from vlmkit.convert.hf_clip import save_hf_clip as export
+        elif kind == "decoder":
+            from vlmkit.convert.hf_llama import save_hf_decoder as export
+        else:
+            raise ConversionError(f"{source}: exporting a vlmkit {kind!r} is not supported; "
+                                  f"exportable kinds: {', '.join(EXPORTS)}")
+        export(source, out)
+        target = json.loads((out / "config.json").read_text()).get("architectures", ["?"])[0]
+        return f"exported vlmkit {kind} -> Hugging Face {target}", out
+    if what == "gguf":
+        _import_gguf(source, out)
+    elif what == "bert":
+        _import_bert(source, out)
+    elif what in ("clip", "siglip"):
+        from vlmkit.convert.hf_clip import import_hf_dual_encoder
+
+        import_hf_dual_encoder(source, out)
+    elif what in ("llama", "qwen2"):
+        from vlmkit.convert.hf_llama import import_hf_decoder
+
+        import_hf_decoder(source, out)
+    else:
+        from vlmkit.convert.hf_llava import import_hf_llava
+
+        import_hf_llava(source, out)
+    kind = "decoder" if what == "gguf" else IMPORTS[what]
+    return f"imported {what} -> vlmkit {kind}", out
+
+
+def _import_gguf(source: Path, out: Path) -> None:
+    from vlmkit.checkpoint import save_checkpoint
+    from vlmkit.convert.gguf import load_gguf
+
+    model, tokenizer = load_gguf(source)
+    save_checkpoint(out, model, "decoder", model.cfg.to_dict(), tokenizer)
+
+
+def _import_bert(source: Path, out: Path) -> None:
+    from vlmkit.checkpoint import save_checkpoint
+    from vlmkit.convert.bert import load_bert
+    from vlmkit.models.text_encoder import TextEncoder
+
+    cfg, state, tokenizer = load_bert(source)
+    model = TextEncoder(cfg)
+    model.load_state_dict(state)
+    save_checkpoint(out, model, "text_encoder", cfg.to_dict(), tokenizer)
+
+
+def load_decoder(source: str | Path, max_positions: int | None = None):
+    """(DecoderLM, LMTokenizer) from any language-model format vlmkit reads.
+
+    `smollm2` or a `.gguf` file, a Hugging Face Llama / Qwen2 directory, or a vlmkit
+    checkpoint of kind "decoder". `max_positions` caps the context (the weights do not
+    depend on it; the KV cache and RoPE tables do).
+    """
+    what = detect(Path(source))
+    if what == "gguf":
+        from vlmkit.convert.gguf import load_gguf, resolve
+
+        return load_gguf(resolve(source), max_positions)
+    if what in ("llama", "qwen2"):
+        from vlmkit.convert.hf_llama import load_hf_decoder_model
+
+        model, tokenizer = load_hf_decoder_model(source, max_positions)
+        if tokenizer is None:
+            raise ConversionError(f"{source}: no tokenizer.json; a language model needs its tokenizer")
+        return model, tokenizer
+    if what == "vlmkit:decoder":
+        from vlmkit.checkpoint import load_weights, read_config
+        from vlmkit.config import DecoderConfig
+        from vlmkit.data.lm_tokenizer import LMTokenizer
+        from vlmkit.models.decoder import DecoderLM
+
+        cfg = DecoderConfig.from_dict(read_config(source)["model"], f"{source}/config.json model")
+        if max_positions and max_positions < cfg.max_positions:
+            cfg = cfg.replace(max_positions=max_positions)
+        model = DecoderLM(cfg)
+        load_weights(model, source)
+        return model.eval(), LMTokenizer.from_pretrained(source)
+    raise ConversionError(f"{source} is a {what.removeprefix('vlmkit:')}, not a language model; expected "
+                          "smollm2, a .gguf file, a Llama/Qwen2 directory or a vlmkit decoder checkpoint")
+

@@ -1,0 +1,195 @@
+"""LLaVA <-> vlmkit VLM: transformers' own LlavaForConditionalGeneration is the reference.
+
+Small random models with the layouts LLaVA checkpoints come in (CLIP / SigLIP / ViT vision
+towers, Llama / Qwen2 language models, both feature-select strategies, negative and positive
+feature layers), compared at fp32 tolerance: logits, greedy generations, and the processor's
+token ids and pixels against vlmkit's own preprocessing.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+transformers = pytest.importorskip("transformers")
+
+from vlmkit.checkpoint import load_model, save_checkpoint  # noqa: E402
+from vlmkit.config import VLMConfig  # noqa: E402
+from vlmkit.convert.auto import convert  # noqa: E402
+from vlmkit.convert.bert import ConversionError  # noqa: E402
+from vlmkit.convert.hf_llava import load_hf_llava  # noqa: E402
+from vlmkit.data.chat import encode_conversation  # noqa: E402
+from vlmkit.data.images import ImageTransform  # noqa: E402
+from vlmkit.data.lm_tokenizer import LMTokenizer  # noqa: E402
+from vlmkit.inference.engine import Engine, SamplingParams  # noqa: E402
+from vlmkit.models.vlm import VisionLanguageModel  # noqa: E402
+
+CORPUS = ["What colour is the circle?", "red", "blue", "a small red circle at the top left.",
+          "Is there a green square in the image?", "yes", "no", "Describe the image."] * 5
+TOL = dict(atol=1e-4, rtol=1e-4)
+QUESTION = "What colour is the circle?"
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> LMTokenizer:
+    return LMTokenizer.train(CORPUS, vocab_size=300, min_frequency=1)
+
+
+def _vision(kind: str) -> transformers.PretrainedConfig:
+    common = dict(image_size=32, patch_size=8, hidden_size=36, num_hidden_layers=3, num_attention_heads=4,
+                  intermediate_size=52)
+    if kind == "clip":
+        return transformers.CLIPVisionConfig(**common, hidden_act="quick_gelu")
+    if kind == "siglip":
+        return transformers.SiglipVisionConfig(**common, vision_use_head=False)
+    return transformers.ViTConfig(**common, layer_norm_eps=1e-6)
+
+
+def _text(kind: str, vocab: int) -> transformers.PretrainedConfig:
+    if kind == "qwen2":
+        return transformers.Qwen2Config(vocab_size=vocab, hidden_size=40, num_hidden_layers=2, num_attention_heads=5,
+                                        num_key_value_heads=1, intermediate_size=72, tie_word_embeddings=True,
+                                        max_position_embeddings=128)
+    return transformers.LlamaConfig(vocab_size=vocab, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=16, intermediate_size=80,
+                                    tie_word_embeddings=False, rope_theta=5000.0, max_position_embeddings=128)
+
+
+def _hf_llava(tmp_path, tokenizer, vision: str, text: str, layer: int, strategy: str):
+    torch.manual_seed(0)
+    vc = _vision(vision)
+    tokens = 16 + (1 if vision != "siglip" and strategy == "full" else 0)
+    cfg = transformers.LlavaConfig(vision_config=vc, text_config=_text(text, tokenizer.vocab_size),
+                                   image_token_index=tokenizer.image_id, vision_feature_layer=layer,
+                                   vision_feature_select_strategy=strategy, image_seq_length=tokens)
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    path = tmp_path / f"hf-{vision}-{text}"
+    model.save_pretrained(path)
+    tokenizer.save(path)
+    mean, std = ([0.5] * 3, [0.5] * 3) if vision == "siglip" else ([0.48, 0.46, 0.41], [0.27, 0.26, 0.28])
+    (path / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"height": 32, "width": 32},
+        "resample": 3, "do_center_crop": False, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": mean, "image_std": std, "do_convert_rgb": True}))
+    return model, path, tokens
+
+
+def _prompt_ids(tokenizer, image_tokens: int) -> list[int]:
+    messages = [{"role": "user", "content": "<image>\n" + QUESTION}]
+    return encode_conversation(messages, tokenizer, image_tokens, 100, add_generation_prompt=True).ids
+
+
+@pytest.mark.parametrize("vision,text,layer,strategy", [
+    ("clip", "llama", -2, "default"),
+    ("siglip", "qwen2", 2, "full"),
+    ("vit", "llama", -1, "full"),
+])
+def test_imported_llava_matches_transformers(tmp_path, tokenizer, vision, text, layer, strategy):
+    hf, path, tokens = _hf_llava(tmp_path, tokenizer, vision, text, layer, strategy)
+    out = tmp_path / "vlmkit"
+    assert convert(path, out)[0] == "imported llava -> vlmkit vlm"
+    ours = load_model(out)
+    assert ours.cfg.image_tokens == tokens
+    ids = torch.tensor([_prompt_ids(tokenizer, tokens)])
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, pixels), hf(input_ids=ids, pixel_values=pixels).logits, **TOL)
+        theirs = hf.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=8, do_sample=False,
+                             eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)[0, ids.shape[1]:]
+    mine = Engine(ours, tokenizer.pad_id).generate([ids[0].tolist()], [pixels],
+                                                   SamplingParams(max_new_tokens=8, stop_ids=(tokenizer.eos_id,)))[0]
+    assert mine == theirs.tolist()
+
+
+def _vlmkit_vlm(tmp_path, tokenizer, vision: dict, select: str = "patch", layer: int = -1):
+    torch.manual_seed(1)
+    cfg = VLMConfig.from_dict({
+        "vision": {"image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "heads": 4, "mlp_dim": 64, **vision},
+        "decoder": {"vocab_size": tokenizer.vocab_size, "width": 48, "depth": 2, "heads": 6, "kv_heads": 2,
+                    "mlp_dim": 96, "max_positions": 128, "tie_embeddings": True},
+        "vision_select": select, "vision_layer": layer, "image_token_id": tokenizer.image_id,
+    })
+    model = VisionLanguageModel(cfg).eval()
+    for p in model.parameters():  # random norms and biases too, so a dropped or swapped tensor shows
+        p.data.add_(torch.randn_like(p) * 0.02)
+    path = tmp_path / "ours"
+    save_checkpoint(path, model, "vlm", cfg.to_dict(), tokenizer, ImageTransform(size=32).to_dict())
+    return path
+
+
+@pytest.mark.parametrize("vision,select,layer", [
+    ({}, "patch", -1),                                                  # vlmkit's own towers: ViT layout
+    ({"norm_pre": True, "patch_bias": False, "act": "quick_gelu"}, "all", 0),   # CLIP layout
+    ({"class_token": False, "act": "gelu_tanh"}, "all", -2),            # SigLIP layout
+])
+def test_exported_llava_generates_the_same_text_in_transformers(tmp_path, tokenizer, vision, select, layer):
+    import vlmkit
+
+    ours = _vlmkit_vlm(tmp_path, tokenizer, vision, select, layer)
+    hf_dir = tmp_path / "hf"
+    assert convert(ours, hf_dir)[0] == "exported vlmkit vlm -> Hugging Face LlavaForConditionalGeneration"
+    hf, info = transformers.LlavaForConditionalGeneration.from_pretrained(hf_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    processor = transformers.AutoProcessor.from_pretrained(hf_dir)
+
+    image = Image.new("RGB", (45, 37), (200, 30, 30))
+    image.paste((20, 20, 220), (5, 5, 25, 20))
+    assistant = vlmkit.load(ours, device="cpu")
+    prompt = assistant.tokenizer.apply_chat_template([{"role": "user", "content": "<image>\n" + QUESTION}],
+                                                     add_generation_prompt=True)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    K = assistant.model.cfg.image_tokens
+    assert inputs["input_ids"][0].tolist() == _prompt_ids(tokenizer, K)
+    torch.testing.assert_close(inputs["pixel_values"][0], assistant.transform(image), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        out = hf.eval().generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    theirs = processor.tokenizer.decode(out, skip_special_tokens=True)
+    assert theirs == assistant.ask(image, QUESTION, max_new_tokens=8)
+
+
+def test_round_trip_gives_identical_tensors(tmp_path, tokenizer):
+    for vision in ({}, {"norm_pre": True, "patch_bias": False}):
+        ours = _vlmkit_vlm(tmp_path, tokenizer, vision)
+        convert(ours, tmp_path / "hf")
+        convert(tmp_path / "hf", tmp_path / "back")
+        a, b = load_model(ours).state_dict(), load_model(tmp_path / "back").state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        expected = load_model(ours).cfg.to_dict()
+        expected["projector"]["hidden"] = expected["decoder"]["width"]  # None means "the LM width"; HF spells it out
+        assert load_model(tmp_path / "back").cfg.to_dict() == expected
+
+
+def test_bad_llava_directories_are_named_errors(tmp_path, tokenizer):
+    from safetensors.torch import load_file, save_file
+
+    _, path, _ = _hf_llava(tmp_path, tokenizer, "vit", "llama", -1, "default")
+    weights = load_file(str(path / "model.safetensors"))
+    config = json.loads((path / "config.json").read_text())
+
+    broken = dict(weights)
+    del broken["multi_modal_projector.linear_2.weight"]
+    save_file(broken, str(path / "model.safetensors"))
+    with pytest.raises(ConversionError, match="multi_modal_projector.linear_2.weight"):
+        load_hf_llava(path)
+
+    save_file({**weights, "language_model.model.extra.weight": torch.zeros(2)}, str(path / "model.safetensors"))
+    with pytest.raises(ConversionError, match="extra.weight"):
+        load_hf_llava(path)
+
+    save_file(weights, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({**config, "vision_feature_layer": [-2, -1]}))
+    with pytest.raises(ConversionError, match="several layers"):
+        load_hf_llava(path)
+
+    (path / "config.json").write_text(json.dumps({**config, "vision_config": {"model_type": "pixtral"}}))
+    with pytest.raises(ConversionError, match="clip_vision_model, siglip_vision_model, vit"):
+        load_hf_llava(path)
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    with pytest.raises(ConversionError, match="bert, clip, llama, llava, qwen2, siglip"):
+        convert(tmp_path, tmp_path / "out")
