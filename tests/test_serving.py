@@ -267,6 +267,30 @@ def test_32_simultaneous_requests_equal_one_at_a_time(models):
     assert len(set(alone)) > 1   # the images and questions really differ
 
 
+def test_requests_that_arrive_together_decode_together(models):
+    import httpx
+
+    tiny = models["tiny"]
+    sizes = []
+    original = tiny.stream_batch
+
+    def recording(requests):
+        sizes.append(len(requests))
+        return original(requests)
+
+    app = create_app({"tiny": tiny}, ServeSettings(max_batch=8, batch_wait_ms=50))
+    tiny.stream_batch = recording
+    try:
+        with LiveServer(app) as server, ThreadPoolExecutor(8) as pool:
+            bodies = [chat_body(scene((20 * i, 0, 0)), max_tokens=4) for i in range(8)]   # no seed: random seeds
+            codes = list(pool.map(lambda b: httpx.post(server.url + "/v1/chat/completions", json=b,
+                                                       timeout=60).status_code, bodies))
+    finally:
+        del tiny.stream_batch
+    assert codes == [200] * 8
+    assert sum(sizes) == 8 and max(sizes) > 1
+
+
 def test_a_full_queue_answers_503_with_retry_after(models):
     import httpx
 

@@ -184,6 +184,21 @@ def test_batched_generation_equals_one_at_a_time(tokenizer):
         assert all(len(out) == 12 for out in batched)
 
 
+def test_rows_with_their_own_seeds_sample_as_they_would_alone(tokenizer):
+    model = tiny_vlm(tokenizer, seed=3)
+    engine = Engine(model, tokenizer.pad_id)
+    prompts = _prompts(tokenizer, model.cfg.image_tokens)
+    pixels = [torch.randn(1, 3, 32, 32) for _ in prompts]
+    params = SamplingParams(max_new_tokens=10, temperature=1.0)
+    seeds = [11, 12, 13]
+    batched = engine.generate(prompts, pixels, params, seeds=seeds)
+    alone = [engine.generate([p], [x], SamplingParams(max_new_tokens=10, temperature=1.0, seed=s))[0]
+             for p, x, s in zip(prompts, pixels, seeds)]
+    assert batched == alone
+    same_prompt = engine.generate([prompts[0]] * 3, [pixels[0]] * 3, params, seeds=seeds)
+    assert len({tuple(o) for o in same_prompt}) > 1       # the seeds, not the rows, decide
+
+
 def test_stop_ids_end_rows_independently(tokenizer):
     model = tiny_vlm(tokenizer, seed=4)
     engine = Engine(model, tokenizer.pad_id)

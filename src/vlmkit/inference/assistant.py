@@ -80,22 +80,24 @@ class VisionLanguageAssistant:
     def stream_batch(self, requests: Sequence[Request]) -> Iterator[Delta]:
         """Generate for several requests in one batch; yield text deltas as they are decoded.
 
-        Requests with different sampling settings cannot share one decode loop; they run one
-        after another. Each request ends with one `Delta` whose `finish_reason` is set.
+        Requests share one decode loop when their sampling settings agree (seeds may differ:
+        each row has its own sampler); groups with different settings run one after another.
+        Each request ends with one `Delta` whose `finish_reason` is set.
         """
         if not requests:
             raise ValueError("no requests given")
         prepared = [self._prepare(r) for r in requests]   # validates every request before any work
-        params = [self._params(r) for r in requests]
-        if len({(p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.seed, p.max_new_tokens)
-                for p in params}) > 1:
-            for i in range(len(requests)):
-                for d in self._run([prepared[i]], [requests[i]], params[i]):
-                    yield Delta(i, d.text, d.finish_reason, d.prompt_tokens, d.completion_tokens)
-            return
-        yield from self._run(prepared, requests, params[0])
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            key = (r.temperature, r.top_k, r.top_p, r.repetition_penalty, r.max_new_tokens)
+            groups.setdefault(key, []).append(i)
+        for rows in groups.values():
+            params = self._params(requests[rows[0]])
+            seeds = [requests[i].seed for i in rows]
+            for d in self._run([prepared[i] for i in rows], [requests[i] for i in rows], params, seeds):
+                yield Delta(rows[d.index], d.text, d.finish_reason, d.prompt_tokens, d.completion_tokens)
 
-    def _run(self, prepared, requests, params: SamplingParams) -> Iterator[Delta]:
+    def _run(self, prepared, requests, params: SamplingParams, seeds: list[int]) -> Iterator[Delta]:
         eos = self.tokenizer.eos_id
         ids = [[] for _ in requests]
         sent = ["" for _ in requests]
@@ -110,7 +112,8 @@ class VisionLanguageAssistant:
         def should_stop(row: int, _ids: list[int]) -> bool:
             return visible(row)[1]
 
-        for emitted in self.engine.stream([p[0] for p in prepared], [p[1] for p in prepared], params, should_stop):
+        for emitted in self.engine.stream([p[0] for p in prepared], [p[1] for p in prepared], params, should_stop,
+                                          seeds):
             for row, token in emitted:
                 ids[row].append(token)
             for row, token in emitted:

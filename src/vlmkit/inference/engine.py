@@ -75,10 +75,13 @@ class Engine:
     @torch.inference_mode()
     def stream(self, prompts: Sequence[Sequence[int]], pixels: Sequence[torch.Tensor | None],
                params: SamplingParams,
-               should_stop: Callable[[int, list[int]], bool] | None = None) -> Iterator[list[tuple[int, int]]]:
+               should_stop: Callable[[int, list[int]], bool] | None = None,
+               seeds: Sequence[int] | None = None) -> Iterator[list[tuple[int, int]]]:
         """Yield, per decode step, the (row, token) pairs emitted by the rows still running.
 
         `pixels[i]` holds prompt i's images [n_i, 3, H, W] in placeholder order (or None).
+        `seeds[i]` seeds row i's sampler (default `params.seed` for every row), so requests
+        with different seeds still share one batch.
         """
         if len(prompts) != len(pixels):
             raise ValueError(f"got {len(prompts)} prompts but {len(pixels)} image lists")
@@ -110,7 +113,10 @@ class Engine:
         seen = torch.zeros((B, vocab), dtype=torch.bool, device=device)
         if params.repetition_penalty != 1.0:
             seen.scatter_(1, ids.masked_fill((ids >= vocab) | (key_mask == 0), 0), True)
-        generators = [torch.Generator(device=device).manual_seed(params.seed) for _ in range(B)]
+        if seeds is not None and len(seeds) != B:
+            raise ValueError(f"got {len(seeds)} seeds for {B} prompts")
+        generators = [torch.Generator(device=device).manual_seed(params.seed if seeds is None else seeds[row])
+                      for row in range(B)]
         stop_ids = set(params.stop_ids)
         rows = list(range(B))                 # original index of each row still running
         outputs: list[list[int]] = [[] for _ in range(B)]
@@ -143,10 +149,11 @@ class Engine:
                                                key_mask=key_mask if padded else None)[:, -1].float()
 
     def generate(self, prompts: Sequence[Sequence[int]], pixels: Sequence[torch.Tensor | None],
-                 params: SamplingParams, should_stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+                 params: SamplingParams, should_stop: Callable[[int, list[int]], bool] | None = None,
+                 seeds: Sequence[int] | None = None) -> list[list[int]]:
         """All generated ids per prompt (a stop id, when hit, is the last one)."""
         outputs: list[list[int]] = [[] for _ in prompts]
-        for emitted in self.stream(prompts, pixels, params, should_stop):
+        for emitted in self.stream(prompts, pixels, params, should_stop, seeds):
             for row, token in emitted:
                 outputs[row].append(token)
         return outputs

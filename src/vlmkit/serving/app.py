@@ -244,7 +244,7 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None) ->
         if len(stops) > settings.max_stop:
             raise APIError(400, f"at most {settings.max_stop} stop sequences", param="stop")
         messages, images = await run_in_threadpool(to_prompt, body.messages, settings)
-        seed = body.seed if body.seed is not None else secrets.randbits(31)
+        seed = body.seed if body.seed is not None else secrets.randbits(31)  # per row: still one batch
         requests = [Request(messages=messages, images=images, max_new_tokens=max_new, temperature=body.temperature,
                             top_p=body.top_p, stop=tuple(s for s in stops if s), seed=seed + i)
                     for i in range(body.n)]
