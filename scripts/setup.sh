@@ -31,3 +31,13 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "${VLMKIT_FASHION_MNIST:-}
     echo "setup: Fashion-MNIST missing (apt-get install dataset-fashion-mnist, or set VLMKIT_FASHION_MNIST)" >&2
   fi
 fi
+
+# Headless Chromium and its driver come from Debian, for the web chat page's browser test.
+if [ ! -x /usr/bin/chromium ] || ! command -v chromedriver >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) \
+      || echo "setup: could not install chromium chromium-driver; the browser test will skip" >&2
+  else
+    echo "setup: chromium missing (apt-get install chromium chromium-driver); the browser test will skip" >&2
+  fi
+fi

@@ -1,0 +1,298 @@
+"""Serving throughput and latency of `vlmkit serve` under concurrent clients.
+
+    python benchmarks/serving.py [--model DIR] [--quick] [--requests N] [--max-tokens N] [--repeats N]
+
+The model is --model, else the trained demo model (runs/demo/stage2/model, written by
+`vlmkit demo`) when it exists, else a tiny random Stage 2 model saved to a temp dir whose
+greedy answers always run to max_tokens; the section says which. The server runs in this
+process (uvicorn in a thread on a free 127.0.0.1 port) and async httpx clients send one
+fixed set of requests (a `shapes` image each, a question, greedy, streamed with usage) at
+concurrency 1, 4 and 16, and at 16 again on a server that decodes one request at a time
+(max_batch=1), so batching is measured apart from concurrency. The baseline is the same
+requests served one at a time without HTTP (`assistant.stream_batch([request])`, in process).
+The settings take turns over --repeats rounds and each figure comes from its median round.
+Figures: requests/s, generated tokens/s, latency p50/p95, time to first token p50, and
+the speed-up (requests/s) over the baseline. Client and server share this machine's CPUs.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import ROOT, write_section  # noqa: E402
+
+import vlmkit  # noqa: E402
+from vlmkit.data.lm_tokenizer import IMAGE_TOKEN  # noqa: E402
+from vlmkit.data.sources.shapes import Shapes  # noqa: E402
+from vlmkit.inference.assistant import Request  # noqa: E402
+
+DEMO_MODEL = ROOT / "runs" / "demo" / "stage2" / "model"
+QUESTIONS = ("Describe the image.", "What colour is the shape?", "What shape is in the image?",
+             "Where is the shape?")
+CONCURRENCY = (1, 4, 16)
+
+
+# ----------------------------------------------------------------------------- model
+def tiny_random_model(out: Path) -> Path:
+    """A tiny random Stage 2 checkpoint; its end-of-turn logit is pinned at 0, so answers run to max_tokens."""
+    from vlmkit.checkpoint import save_checkpoint
+    from vlmkit.config import VLMConfig
+    from vlmkit.data.images import ImageTransform
+    from vlmkit.data.lm_tokenizer import LMTokenizer
+    from vlmkit.models.vlm import VisionLanguageModel
+
+    corpus = [*QUESTIONS, "red", "blue", "green", "circle", "square", "a small red circle at the top left."] * 5
+    tokenizer = LMTokenizer.train(corpus, vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    cfg = VLMConfig.from_dict({
+        "vision": {"image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "heads": 4, "mlp_dim": 64},
+        "decoder": {"vocab_size": tokenizer.vocab_size, "width": 48, "depth": 2, "heads": 6, "kv_heads": 2,
+                    "mlp_dim": 96, "max_positions": 160, "tie_embeddings": False, "init_std": 0.2},
+        "image_token_id": tokenizer.image_id,
+    })
+    model = VisionLanguageModel(cfg).eval()
+    with torch.no_grad():
+        model.language_model.lm_head.weight[tokenizer.eos_id] = 0
+    save_checkpoint(out, model, "vlm", cfg.to_dict(), tokenizer, ImageTransform(size=32).to_dict())
+    return out
+
+
+# ----------------------------------------------------------------------------- requests
+def make_requests(n: int) -> list[tuple[object, str, str]]:
+    """n (PIL image, data: URL, question) triples, the same on every run."""
+    source = Shapes(split="test", size=n, seed=0, image_size=64)
+    out = []
+    for i in range(n):
+        image = source[i].image
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        out.append((image, "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(),
+                    QUESTIONS[i % len(QUESTIONS)]))
+    return out
+
+
+@dataclass
+class Result:
+    latency: float          # seconds from sending to the last byte
+    ttft: float             # seconds to the first content chunk
+    tokens: int             # completion tokens
+    prompt_tokens: int
+    text: str
+
+
+@dataclass
+class Run:
+    name: str
+    wall: float
+    results: list[Result]
+
+    @property
+    def rps(self) -> float:
+        return len(self.results) / self.wall
+
+    @property
+    def tps(self) -> float:
+        return sum(r.tokens for r in self.results) / self.wall
+
+    def pct(self, attr: str, q: float) -> float:
+        values = sorted(getattr(r, attr) for r in self.results)
+        return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
+
+
+def sequential(assistant, requests, max_tokens: int, warmup: int = 1) -> Run:
+    """The baseline: each request alone through the model, in process, one after another."""
+    def one(image, question) -> Result:
+        started, first, text, last = time.perf_counter(), None, "", None
+        for d in assistant.stream_batch([Request([{"role": "user", "content": IMAGE_TOKEN + "\n" + question}],
+                                                 [image], max_new_tokens=max_tokens, temperature=0.0)]):
+            if d.text and first is None:
+                first = time.perf_counter() - started
+            text += d.text
+            last = d
+        latency = time.perf_counter() - started
+        return Result(latency, first if first is not None else latency, last.completion_tokens, last.prompt_tokens, text)
+
+    for image, _, question in requests[:warmup]:
+        one(image, question)
+    started = time.perf_counter()
+    results = [one(image, question) for image, _, question in requests]
+    return Run("sequential, in process (baseline)", time.perf_counter() - started, results)
+
+
+# ----------------------------------------------------------------------------- HTTP
+class Server:
+    """The app served by uvicorn in a background thread on a free 127.0.0.1 port."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted connections inherit this; without it replies wait on delayed ACKs (~40 ms each).
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "Server":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+async def _one(client, url: str, model: str, data_url: str, question: str, max_tokens: int) -> Result:
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
+                                                      {"type": "text", "text": question}]}]}
+    started, first, text, usage = time.perf_counter(), None, "", None
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"stream error: {event['error']}")
+            for choice in event["choices"]:
+                piece = choice["delta"].get("content")
+                if piece:
+                    first = first if first is not None else time.perf_counter() - started
+                    text += piece
+            usage = event.get("usage") or usage
+    latency = time.perf_counter() - started
+    return Result(latency, first if first is not None else latency, usage["completion_tokens"],
+                  usage["prompt_tokens"], text)
+
+
+async def _load(url: str, model: str, requests, concurrency: int, max_tokens: int) -> tuple[float, list[Result]]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await _one(client, url, model, requests[0][1], requests[0][2], max_tokens)   # warm-up
+        results: list[Result | None] = [None] * len(requests)
+        todo = iter(range(len(requests)))
+
+        async def worker():
+            for i in todo:
+                results[i] = await _one(client, url, model, requests[i][1], requests[i][2], max_tokens)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - started, results
+
+
+def over_http(assistant, requests, concurrency: int, max_tokens: int, max_batch: int = 16) -> Run:
+    from vlmkit.serving.app import ServeSettings, create_app
+
+    settings = ServeSettings(max_batch=max_batch, max_queue=max(64, len(requests)))
+    with Server(create_app({"bench": assistant}, settings)) as server:
+        wall, results = asyncio.run(_load(server.url, "bench", requests, concurrency, max_tokens))
+    name = f"HTTP, concurrency {concurrency}" + (", batching off (max_batch=1)" if max_batch == 1 else "")
+    return Run(name, wall, results)
+
+
+# ----------------------------------------------------------------------------- report
+def median_run(runs: list[Run]) -> Run:
+    return sorted(runs, key=lambda r: r.rps)[len(runs) // 2]
+
+
+def describe(run: Run, base: Run) -> str:
+    return (f"{run.rps:.2f} req/s, {run.tps:.1f} tok/s, latency p50 {run.pct('latency', .5):.3f} s / "
+            f"p95 {run.pct('latency', .95):.3f} s, first token p50 {run.pct('ttft', .5):.3f} s; "
+            f"speed-up {run.rps / base.rps:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help=f"a Stage 2 checkpoint directory (default: {DEMO_MODEL.relative_to(ROOT)} "
+                                        "if it exists, else a tiny random model)")
+    parser.add_argument("--quick", action="store_true", help="fewer requests and tokens: a short run")
+    parser.add_argument("--requests", type=int, help="requests per setting (default 48, --quick 16)")
+    parser.add_argument("--max-tokens", type=int, help="max_tokens of every request (default 32, --quick 16)")
+    parser.add_argument("--repeats", type=int, help="rounds over all settings; each figure is from the "
+                                                     "median round by requests/s (default 3, --quick 1)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    n = args.requests or (16 if args.quick else 48)
+    repeats = args.repeats or (1 if args.quick else 3)
+    max_tokens = args.max_tokens or (16 if args.quick else 32)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model:
+            path, which = Path(args.model), f"`{args.model}` (--model)"
+        elif (DEMO_MODEL / "config.json").exists():
+            path, which = DEMO_MODEL, f"the trained demo model `{DEMO_MODEL.relative_to(ROOT)}`"
+        else:
+            path = tiny_random_model(Path(tmp) / "model")
+            which = (f"a tiny random Stage 2 model ({DEMO_MODEL.relative_to(ROOT)} does not exist; "
+                     "run `vlmkit demo` for a trained one)")
+        print(f"model: {which}", flush=True)
+        assistant = vlmkit.load(path, device=args.device)
+        if not hasattr(assistant, "stream_batch"):
+            raise SystemExit(f"{path} is not a Stage 2 (chat) model")
+        requests = make_requests(n)
+
+        # One untimed pass first: the first time each input shape is seen costs extra.
+        sequential(assistant, requests, max_tokens, warmup=0)
+        settings = [(c, 16) for c in CONCURRENCY] + [(CONCURRENCY[-1], 1)]
+        rounds: list[list[Run]] = [[] for _ in range(len(settings) + 1)]
+        for k in range(repeats):   # the settings take turns, so a busy spell hits them all alike
+            rounds[0].append(sequential(assistant, requests, max_tokens))
+            for i, (c, max_batch) in enumerate(settings, 1):
+                rounds[i].append(over_http(assistant, requests, c, max_tokens, max_batch))
+            print(f"round {k + 1}/{repeats}: " + ", ".join(f"{r[-1].rps:.1f}" for r in rounds) + " req/s", flush=True)
+        base, *runs = [median_run(r) for r in rounds]
+        for r in [base, *runs]:
+            print(f"{r.name}: {describe(r, base)}", flush=True)
+
+    same = {r.name: sum(a.text == b.text for a, b in zip(r.results, base.results)) for r in runs}
+    rows = [("model", which),
+            ("requests per setting", f"{n} (a `shapes` test image each, {len(QUESTIONS)} questions in turn, "
+                                     f"greedy, max_tokens {max_tokens}, streamed)"),
+            ("rounds", f"{repeats} (each figure from the median round of its setting, by requests/s)"),
+            ("mean prompt / generated tokens per request",
+             f"{statistics.mean(r.prompt_tokens for r in base.results):.1f} / "
+             f"{statistics.mean(r.tokens for r in base.results):.1f}"),
+            (base.name, describe(base, base))]
+    rows += [(r.name, describe(r, base)) for r in runs]
+    rows += [("answers identical to the baseline", ", ".join(f"{r.name.removeprefix('HTTP, ')}: {same[r.name]}/{n}"
+                                                             for r in runs))]
+    batched, unbatched = runs[len(CONCURRENCY) - 1], runs[-1]
+    rows += [(f"batching gain at concurrency {CONCURRENCY[-1]}", f"{batched.rps / unbatched.rps:.2f}x requests/s")]
+    notes = ("Speed-ups are requests/s over the baseline (the same requests one at a time through the model, "
+             "in process, no HTTP). The clients run in the server's process and share its CPUs; on a busy "
+             "machine the figures are noisy. Latency is from sending a request to its last byte; the first "
+             "token's time includes waiting for the batch to form.")
+    write_section("serving", f"Serving: `vlmkit serve` throughput and latency ({'--quick, ' if args.quick else ''}"
+                             f"{n} requests, concurrency {', '.join(map(str, CONCURRENCY))})", rows, notes)
+
+
+if __name__ == "__main__":
+    main()
