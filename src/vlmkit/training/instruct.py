@@ -115,6 +115,10 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
                                    resize_mode=data_cfg.resize_mode, mean=data_cfg.mean, std=data_cfg.std)
 
     # ---- data
+    if model_cfg.describe_first:
+        if data_cfg.source != "shapes":
+            raise ValueError("model.describe_first needs data.source 'shapes', whose scenes have true descriptions")
+        data_cfg = data_cfg.replace(source_options={**data_cfg.source_options, "describe_first": True})
     train_set = build_set(data_cfg, "train", data_cfg.train_size, transform)
     eval_set = build_set(data_cfg, "test", data_cfg.eval_size, transform, source=data_cfg.eval_source)
     for name, s in (("training", train_set), ("evaluation", eval_set)):
