@@ -328,6 +328,10 @@ def test_describe_first_answers_after_its_own_description(tokenizer, tmp_path):
     assert asked and all(c.meta["described"] and [m.role for m in c.messages] == ["user", "assistant"] * 2
                          for c in asked)
     assert asked[0].messages[0].content == "<image>\nDescribe the image." and "<image>" not in asked[0].messages[2].content
+    from vlmkit.data.describe_first import answer_only
+
+    trained = answer_only(encode_conversation(asked[0], tokenizer, 16, 200))
+    assert tokenizer.decode([t for t in trained.labels if t != IGNORE]) == asked[0].messages[3].content
 
     small = tiny_vlm(tokenizer, seed=6).cfg
     torch.manual_seed(6)   # a long context: an untrained model's description runs to its full length

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vlmkit.data.chat import IGNORE, Encoded
 from vlmkit.data.conversation import IMAGE_PLACEHOLDER
 
 DESCRIBE_PROMPT = "Describe the image."
@@ -40,3 +41,17 @@ def described(messages: list[Any], description: str) -> list[dict[str, str]]:
 
 def _content(message: Any) -> str:
     return message["content"] if isinstance(message, dict) else message.content
+
+
+def answer_only(encoded: Encoded) -> Encoded:
+    """Labels of the answer turn only: the description (the first labelled run) is not trained.
+
+    Descriptions are learned from the caption conversations; here they would outweigh the
+    short answer several times over in the per-token loss, and the answer is what is hard.
+    """
+    labels = list(encoded.labels)
+    i = next((k for k, t in enumerate(labels) if t != IGNORE), len(labels))
+    while i < len(labels) and labels[i] != IGNORE:
+        labels[i] = IGNORE
+        i += 1
+    return Encoded(encoded.ids, labels, encoded.images)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from vlmkit.checkpoint import load_weights, read_config, save_checkpoint
 from vlmkit.config import DualEncoderConfig, PhaseConfig, VisionConfig, VLMConfig, VlmRunConfig
 from vlmkit.data.chat import Encoded, PromptTooLong, collate, encode_conversation
+from vlmkit.data.describe_first import answer_only
 from vlmkit.data.images import ImageTransform
 from vlmkit.data.lm_tokenizer import LMTokenizer, render_chatml
 from vlmkit.data.prepared import DataError
@@ -64,7 +65,8 @@ def encode_all(data: ConversationSet, tokenizer: LMTokenizer, image_tokens: int,
     for i, c in enumerate(data.conversations):
         c.validate(f"conversation {i}")
         try:
-            encoded.append(encode_conversation(c, tokenizer, image_tokens, max_length))
+            e = encode_conversation(c, tokenizer, image_tokens, max_length)
+            encoded.append(answer_only(e) if c.meta.get("described") else e)
         except PromptTooLong:
             too_long += 1
             encoded.append(None)
