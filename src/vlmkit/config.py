@@ -353,10 +353,6 @@ class VLMConfig(Config):
     vision_select: Literal["patch", "all"] = "patch"   # "patch" drops the class token (LLaVA's "default")
     image_token: str = "<image>"
     image_token_id: int = -1                           # set from the tokenizer when the model is built
-    # "Describe, then answer": trained to answer a question about an image in a second turn,
-    # after its own description of the image; the assistant and the evaluation then
-    # generate that description first (greedy) and answer with it in context.
-    describe_first: bool = False
 
     def __post_init__(self) -> None:
         _require(-self.vision.depth <= self.vision_layer < self.vision.depth,

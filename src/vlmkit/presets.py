@@ -155,8 +155,7 @@ def _vlm_shapes() -> dict:
     return {
         "model": {"vision": _SHAPES_VISION,
                   "decoder": {"width": 192, "depth": 3, "heads": 4, "kv_heads": 2, "mlp_dim": 512,
-                              "max_positions": 128},
-                  "describe_first": True},
+                              "max_positions": 128}},
         "data": {"source": "shapes", "train_size": 16000, "eval_size": 500,
                  "source_options": {"image_size": 48, "max_objects": 3}},
         "tokenizer_vocab": 600,

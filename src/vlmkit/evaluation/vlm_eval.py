@@ -12,8 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmkit.data.chat import encode_conversation
-from vlmkit.data.conversation import Conversation, Message
-from vlmkit.data.describe_first import describe_request, described, needs_description
+from vlmkit.data.conversation import Conversation
 from vlmkit.data.lm_tokenizer import LMTokenizer
 from vlmkit.data.vqa_sets import ConversationSet
 from vlmkit.evaluation.captions import caption_scores
@@ -48,11 +47,8 @@ def generate_answers(model, tokenizer: LMTokenizer, data: ConversationSet, indic
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(indices), desc="answering", leave=False, disable=not progress)
-    descriptions: dict[tuple, str] = {}
     for start in range(0, len(indices), batch_size):
         chunk = [data.conversations[i] for i in indices[start:start + batch_size]]
-        if getattr(model.cfg, "describe_first", False):
-            chunk = _with_own_descriptions(chunk, engine, tokenizer, data, descriptions, K, limit)
         prompts = [encode_conversation(prompt_of(c), tokenizer, K, limit, add_generation_prompt=True).ids
                    for c in chunk]
         pixels = [data.images.pixels(torch.tensor(c.images, dtype=torch.long)) if c.images else None
@@ -63,30 +59,6 @@ def generate_answers(model, tokenizer: LMTokenizer, data: ConversationSet, indic
     bar.close()
     model.train(was_training)
     return answers
-
-
-def _with_own_descriptions(chunk: list[Conversation], engine: Engine, tokenizer: LMTokenizer,
-                           data: ConversationSet, cache: dict[tuple, str], K: int, limit: int) -> list[Conversation]:
-    """Each question about an image asked after the model's own description of it (greedy, one per image)."""
-    def key(c: Conversation) -> tuple:
-        return tuple(c.images)
-
-    def question_part(c: Conversation) -> list:
-        # A training-style conversation already holds [describe, true description, question, answer].
-        return c.messages[2:-1] if c.meta.get("described") else prompt_of(c)
-
-    todo = [c for c in chunk if c.meta.get("kind") != "caption" and len(c.images) == 1]
-    todo = [c for c in todo if c.meta.get("described") or needs_description(question_part(c))]
-    missing = list({key(c): c for c in todo if key(c) not in cache}.values())
-    if missing:
-        prompt = encode_conversation(describe_request(), tokenizer, K, limit, add_generation_prompt=True).ids
-        pixels = [data.images.pixels(torch.tensor(c.images, dtype=torch.long)) for c in missing]
-        params = SamplingParams(max_new_tokens=64, stop_ids=(tokenizer.eos_id,))
-        for c, out in zip(missing, engine.generate([prompt] * len(missing), pixels, params)):
-            cache[key(c)] = tokenizer.decode(out).strip()
-    ready = {id(c) for c in todo}
-    return [Conversation([Message(m["role"], m["content"]) for m in described(question_part(c), cache[key(c)])]
-                         + [c.messages[-1]], c.images, c.meta) if id(c) in ready else c for c in chunk]
 
 
 def evaluate_vlm(model, tokenizer: LMTokenizer, data: ConversationSet, limit: int | None = None,

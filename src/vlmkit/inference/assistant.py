@@ -5,14 +5,13 @@ stop strings and incremental detokenization; the `Engine` below it sees token id
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from vlmkit.data.chat import encode_conversation
-from vlmkit.data.describe_first import describe_request, described, needs_description
 from vlmkit.data.images import ImageTransform, load_image
 from vlmkit.data.lm_tokenizer import IMAGE_TOKEN, LMTokenizer
 from vlmkit.inference.engine import Engine, SamplingParams
@@ -87,8 +86,6 @@ class VisionLanguageAssistant:
         """
         if not requests:
             raise ValueError("no requests given")
-        if self.model.cfg.describe_first:
-            requests = self._described(requests)
         prepared = [self._prepare(r) for r in requests]   # validates every request before any work
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
@@ -99,22 +96,6 @@ class VisionLanguageAssistant:
             seeds = [requests[i].seed for i in rows]
             for d in self._run([prepared[i] for i in rows], [requests[i] for i in rows], params, seeds):
                 yield Delta(rows[d.index], d.text, d.finish_reason, d.prompt_tokens, d.completion_tokens)
-
-    def _described(self, requests: Sequence[Request]) -> list[Request]:
-        """Single questions about one image, asked after the model's own description of it.
-
-        The descriptions are generated first, greedily and in one batch (see
-        `vlmkit.data.describe_first`); the answers then stream as usual.
-        """
-        todo = [i for i, r in enumerate(requests) if len(r.images) == 1 and needs_description(r.messages)]
-        if not todo:
-            return list(requests)
-        for i in todo:
-            self._prepare(requests[i])   # a bad request fails here, before any generation
-        asks = [Request(describe_request(), requests[i].images, max_new_tokens=64) for i in todo]
-        descriptions = dict(zip(todo, self.generate_batch(asks)))
-        return [replace(r, messages=described(r.messages, descriptions[i])) if i in descriptions else r
-                for i, r in enumerate(requests)]
 
     def _run(self, prepared, requests, params: SamplingParams, seeds: list[int]) -> Iterator[Delta]:
         eos = self.tokenizer.eos_id

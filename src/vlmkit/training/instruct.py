@@ -21,7 +21,6 @@ from safetensors.torch import load_file
 from vlmkit.checkpoint import load_weights, read_config, save_checkpoint
 from vlmkit.config import DualEncoderConfig, PhaseConfig, VisionConfig, VLMConfig, VlmRunConfig
 from vlmkit.data.chat import Encoded, PromptTooLong, collate, encode_conversation
-from vlmkit.data.describe_first import answer_only
 from vlmkit.data.images import ImageTransform
 from vlmkit.data.lm_tokenizer import LMTokenizer, render_chatml
 from vlmkit.data.prepared import DataError
@@ -65,8 +64,7 @@ def encode_all(data: ConversationSet, tokenizer: LMTokenizer, image_tokens: int,
     for i, c in enumerate(data.conversations):
         c.validate(f"conversation {i}")
         try:
-            e = encode_conversation(c, tokenizer, image_tokens, max_length)
-            encoded.append(answer_only(e) if c.meta.get("described") else e)
+            encoded.append(encode_conversation(c, tokenizer, image_tokens, max_length))
         except PromptTooLong:
             too_long += 1
             encoded.append(None)
@@ -117,10 +115,6 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
                                    resize_mode=data_cfg.resize_mode, mean=data_cfg.mean, std=data_cfg.std)
 
     # ---- data
-    if model_cfg.describe_first:
-        if data_cfg.source != "shapes":
-            raise ValueError("model.describe_first needs data.source 'shapes', whose scenes have true descriptions")
-        data_cfg = data_cfg.replace(source_options={**data_cfg.source_options, "describe_first": True})
     train_set = build_set(data_cfg, "train", data_cfg.train_size, transform)
     eval_set = build_set(data_cfg, "test", data_cfg.eval_size, transform, source=data_cfg.eval_source)
     for name, s in (("training", train_set), ("evaluation", eval_set)):

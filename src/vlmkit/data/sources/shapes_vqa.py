@@ -16,13 +16,11 @@ from typing import Sequence
 from vlmkit.evaluation import grounding
 
 from ..conversation import IMAGE_PLACEHOLDER, Conversation, Message
-from ..describe_first import DESCRIBE_PROMPT
 from .base import Example, Source
-
 from .shapes import COLOURS, SHAPES, Obj, Scene, Shapes, caption
 
 KINDS = ("caption", "colour", "shape", "count", "position", "relation", "exists", "grounding")
-CAPTION_QUESTIONS = (DESCRIBE_PROMPT, "Write a short caption for this image.", "What is in the picture?")
+CAPTION_QUESTIONS = ("Describe the image.", "Write a short caption for this image.", "What is in the picture?")
 RELATIONS = ("left of", "right of", "above", "below")
 _ZERO_COUNT_P = 0.2  # share of count questions about a colour or shape that is absent
 
@@ -160,7 +158,7 @@ class ShapesVQA(Source):
 
     def __init__(self, split: str = "train", size: int = 10_000, seed: int = 0, image_size: int = 64,
                  min_objects: int = 1, max_objects: int = 3, kinds: Sequence[str] = KINDS,
-                 questions_per_image: int | None = None, describe_first: bool = False):
+                 questions_per_image: int | None = None):
         kinds = tuple(kinds)
         if not kinds:
             raise ValueError("kinds must name at least one question kind")
@@ -170,7 +168,6 @@ class ShapesVQA(Source):
         self.source = Shapes(split, size, seed, image_size, min_objects, max_objects)
         self.split, self.size, self.seed = split, size, seed
         self.kinds, self.questions_per_image = kinds, questions_per_image
-        self.describe_first = describe_first
 
     def __len__(self) -> int:
         return len(self.source)
@@ -191,16 +188,8 @@ class ShapesVQA(Source):
             meta = {"kind": qa.kind, "answer": qa.answer, "question": qa.question}
             if qa.box is not None:
                 meta.update(box=list(qa.box), image_size=scene.image_size)
-            if self.describe_first and qa.kind != "caption":
-                # "Describe, then answer": the question comes as a second turn after the model's
-                # own description (see VLMConfig.describe_first).
-                meta["described"] = True
-                messages = [Message("user", f"{IMAGE_PLACEHOLDER}\n{DESCRIBE_PROMPT}"),
-                            Message("assistant", caption(scene)), Message("user", qa.question),
-                            Message("assistant", qa.answer)]
-            else:
-                messages = [Message("user", f"{IMAGE_PLACEHOLDER}\n{qa.question}"), Message("assistant", qa.answer)]
-            convs.append(Conversation(messages, [index], meta))
+            convs.append(Conversation([Message("user", f"{IMAGE_PLACEHOLDER}\n{qa.question}"),
+                                       Message("assistant", qa.answer)], [index], meta))
         return convs
 
     def all_conversations(self, limit: int | None = None) -> list[Conversation]:
