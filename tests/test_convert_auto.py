@@ -83,3 +83,14 @@ def test_minilm_imports_as_a_text_encoder(tmp_path):
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path / "minilm")(ids), reference(ids))
     assert json.loads((tmp_path / "minilm" / "config.json").read_text())["kind"] == "text_encoder"
+
+
+def test_image_processor_settings_are_found_in_either_transformers_layout(tmp_path):
+    from vlmkit.convert.hf_io import read_image_processor
+
+    assert read_image_processor(tmp_path) is None
+    nested = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32}}
+    (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": nested, "patch_size": 8}))
+    assert read_image_processor(tmp_path) == nested                 # transformers 5
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**nested, "size": {"shortest_edge": 64}}))
+    assert read_image_processor(tmp_path)["size"] == {"shortest_edge": 64}   # the older file wins

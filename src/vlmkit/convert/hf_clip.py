@@ -433,7 +433,7 @@ def _tokenizer(path: Path, kind: str):
 
 
 def _transform(path: Path):
-    preprocessor = hf_io.read_json(path, "preprocessor_config.json")
+    preprocessor = hf_io.read_image_processor(path)
     if preprocessor is None:
         return None
     from vlmkit.convert.hf_processor import image_transform_from_hf

@@ -60,6 +60,15 @@ def read_json(path: str | Path, name: str) -> dict[str, Any] | None:
         raise ConversionError(f"{file}: not valid JSON ({e})") from None
 
 
+def read_image_processor(path: str | Path) -> dict[str, Any] | None:
+    """Image-processor settings: preprocessor_config.json, or (transformers 5 writes them
+    there) the `image_processor` entry of processor_config.json; None when neither has them."""
+    found = read_json(path, "preprocessor_config.json")
+    if found is None:
+        found = (read_json(path, "processor_config.json") or {}).get("image_processor")
+    return found
+
+
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a directory's safetensors files, sharded or not."""
     path = Path(path)

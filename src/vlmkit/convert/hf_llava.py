@@ -169,15 +169,6 @@ def _map_projector(src: dict, cfg: VLMConfig) -> dict:
     return out
 
 
-def _read_processor(path: Path) -> tuple[dict | None, dict | None]:
-    """(processor settings, image processor settings), in either transformers layout."""
-    processor = hf_io.read_json(path, "processor_config.json")
-    image = hf_io.read_json(path, "preprocessor_config.json")
-    if image is None and processor is not None:
-        image = processor.get("image_processor")
-    return processor, image
-
-
 def load_hf_llava(path: str | Path):
     """A local LLaVA directory -> (VLMConfig, state dict, LMTokenizer, ImageTransform)."""
     from vlmkit.convert.hf_llama import map_decoder_state
@@ -186,8 +177,8 @@ def load_hf_llava(path: str | Path):
     from vlmkit.models.vlm import VisionLanguageModel
 
     path = Path(path)
-    processor, image_processor = _read_processor(path)
-    image_token = (processor or {}).get("image_token", "<image>")
+    image_processor = hf_io.read_image_processor(path)
+    image_token = (hf_io.read_json(path, "processor_config.json") or {}).get("image_token", "<image>")
     cfg, vision_type = vlm_config_from_hf(hf_io.read_config(path), image_token)
     vision, projector, lm = _split_state(hf_io.read_weights(path))
     state = {f"vision_tower.{k}": v for k, v in _map_vision(vision, cfg.vision, vision_type).items()}
