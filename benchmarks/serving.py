@@ -21,16 +21,13 @@ import asyncio
 import base64
 import io
 import json
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import ROOT, write_section  # noqa: E402
@@ -39,6 +36,7 @@ import vlmkit  # noqa: E402
 from vlmkit.data.lm_tokenizer import IMAGE_TOKEN  # noqa: E402
 from vlmkit.data.sources.shapes import Shapes  # noqa: E402
 from vlmkit.inference.assistant import Request  # noqa: E402
+from vlmkit.serving.local import BackgroundServer, stand_in_model  # noqa: E402
 
 DEMO_MODEL = ROOT / "runs" / "demo" / "stage2" / "model"
 QUESTIONS = ("Describe the image.", "What colour is the shape?", "What shape is in the image?",
@@ -47,30 +45,6 @@ CONCURRENCY = (1, 4, 16)
 
 
 # ----------------------------------------------------------------------------- model
-def tiny_random_model(out: Path) -> Path:
-    """A tiny random Stage 2 checkpoint; its end-of-turn logit is pinned at 0, so answers run to max_tokens."""
-    from vlmkit.checkpoint import save_checkpoint
-    from vlmkit.config import VLMConfig
-    from vlmkit.data.images import ImageTransform
-    from vlmkit.data.lm_tokenizer import LMTokenizer
-    from vlmkit.models.vlm import VisionLanguageModel
-
-    corpus = [*QUESTIONS, "red", "blue", "green", "circle", "square", "a small red circle at the top left."] * 5
-    tokenizer = LMTokenizer.train(corpus, vocab_size=300, min_frequency=1)
-    torch.manual_seed(0)
-    cfg = VLMConfig.from_dict({
-        "vision": {"image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "heads": 4, "mlp_dim": 64},
-        "decoder": {"vocab_size": tokenizer.vocab_size, "width": 48, "depth": 2, "heads": 6, "kv_heads": 2,
-                    "mlp_dim": 96, "max_positions": 160, "tie_embeddings": False, "init_std": 0.2},
-        "image_token_id": tokenizer.image_id,
-    })
-    model = VisionLanguageModel(cfg).eval()
-    with torch.no_grad():
-        model.language_model.lm_head.weight[tokenizer.eos_id] = 0
-    save_checkpoint(out, model, "vlm", cfg.to_dict(), tokenizer, ImageTransform(size=32).to_dict())
-    return out
-
-
 # ----------------------------------------------------------------------------- requests
 def make_requests(n: int) -> list[tuple[object, str, str]]:
     """n (PIL image, data: URL, question) triples, the same on every run."""
@@ -134,36 +108,6 @@ def sequential(assistant, requests, max_tokens: int, warmup: int = 1) -> Run:
 
 
 # ----------------------------------------------------------------------------- HTTP
-class Server:
-    """The app served by uvicorn in a background thread on a free 127.0.0.1 port."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Accepted connections inherit this; without it replies wait on delayed ACKs (~40 ms each).
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> "Server":
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
-
-
 async def _one(client, url: str, model: str, data_url: str, question: str, max_tokens: int) -> Result:
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True},
@@ -212,7 +156,7 @@ def over_http(assistant, requests, concurrency: int, max_tokens: int, max_batch:
     from vlmkit.serving.app import ServeSettings, create_app
 
     settings = ServeSettings(max_batch=max_batch, max_queue=max(64, len(requests)))
-    with Server(create_app({"bench": assistant}, settings)) as server:
+    with BackgroundServer(create_app({"bench": assistant}, settings)) as server:
         wall, results = asyncio.run(_load(server.url, "bench", requests, concurrency, max_tokens))
     name = f"HTTP, concurrency {concurrency}" + (", batching off (max_batch=1)" if max_batch == 1 else "")
     return Run(name, wall, results)
@@ -250,7 +194,7 @@ def main() -> None:
         elif (DEMO_MODEL / "config.json").exists():
             path, which = DEMO_MODEL, f"the trained demo model `{DEMO_MODEL.relative_to(ROOT)}`"
         else:
-            path = tiny_random_model(Path(tmp) / "model")
+            path = stand_in_model(Path(tmp) / "model")
             which = (f"a tiny random Stage 2 model ({DEMO_MODEL.relative_to(ROOT)} does not exist; "
                      "run `vlmkit demo` for a trained one)")
         print(f"model: {which}", flush=True)

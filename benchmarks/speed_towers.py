@@ -23,7 +23,7 @@ from results import write_section  # noqa: E402
 
 import transformers  # noqa: E402
 
-from vlmkit.config import TextConfig, VisionConfig  # noqa: E402
+from vlmkit.config import VisionConfig  # noqa: E402
 from vlmkit.models.text_encoder import TextEncoder  # noqa: E402
 from vlmkit.models.vit import VisionTransformer  # noqa: E402
 

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 from vlmkit.checkpoint import load_model, read_config  # noqa: E402
 from vlmkit.cli import main  # noqa: E402
 from vlmkit.convert import load_decoder  # noqa: E402
-from vlmkit.convert.bert import ConversionError  # noqa: E402
+from vlmkit.convert.hf_io import ConversionError  # noqa: E402
 from vlmkit.data.lm_tokenizer import LMTokenizer  # noqa: E402
 
 

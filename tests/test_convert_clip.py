@@ -11,7 +11,7 @@ import torch
 
 from vlmkit.checkpoint import load_model
 from vlmkit.config import DualEncoderConfig, TextConfig, VisionConfig
-from vlmkit.convert.bert import ConversionError
+from vlmkit.convert.hf_io import ConversionError
 from vlmkit.convert.hf_clip import (import_hf_dual_encoder, load_hf_dual_encoder, map_vision_state,
                                     save_hf_clip, vision_config_from_hf, vision_config_to_hf,
                                     vision_state_to_hf)

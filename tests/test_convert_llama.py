@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from vlmkit.checkpoint import load_model  # noqa: E402
 from vlmkit.config import DecoderConfig  # noqa: E402
-from vlmkit.convert.bert import ConversionError  # noqa: E402
+from vlmkit.convert.hf_io import ConversionError  # noqa: E402
 from vlmkit.convert.hf_llama import (SUPPORTED_MODEL_TYPES, decoder_config_from_hf, decoder_state_to_hf,  # noqa: E402
                                      import_hf_decoder, load_hf_decoder, load_hf_decoder_model,
                                      map_decoder_state, save_hf_decoder)

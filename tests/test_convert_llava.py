@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from vlmkit.checkpoint import load_model, save_checkpoint  # noqa: E402
 from vlmkit.config import VLMConfig  # noqa: E402
 from vlmkit.convert.auto import convert  # noqa: E402
-from vlmkit.convert.bert import ConversionError  # noqa: E402
+from vlmkit.convert.hf_io import ConversionError  # noqa: E402
 from vlmkit.convert.hf_llava import load_hf_llava  # noqa: E402
 from vlmkit.data.chat import encode_conversation  # noqa: E402
 from vlmkit.data.images import ImageTransform  # noqa: E402

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmkit.convert.bert import ConversionError
+from vlmkit.convert.hf_io import ConversionError
 from vlmkit.convert.hf_processor import image_processor_to_hf, image_transform_from_hf
 from vlmkit.data.images import ImageTransform
 

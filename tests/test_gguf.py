@@ -15,7 +15,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-from vlmkit.convert.bert import ConversionError  # noqa: E402
+from vlmkit.convert.hf_io import ConversionError  # noqa: E402
 from vlmkit.convert.gguf import (SUPPORTED_ARCHITECTURES, _unpermute_rope_rows, load_gguf,  # noqa: E402
                                  read_gguf, smollm2_path)
 from vlmkit.models.decoder import KVCache  # noqa: E402

@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,6 +19,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 import vlmkit  # noqa: E402
 from vlmkit.serving.app import ServeSettings, create_app  # noqa: E402
+from vlmkit.serving.local import BackgroundServer  # noqa: E402
 
 QUESTION = "What colour is the circle?"
 
@@ -62,35 +61,10 @@ def client(models):
         yield c
 
 
-class LiveServer:
-    def __init__(self, app):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        for _ in range(200):
-            if self.server.started:
-                return self
-            time.sleep(0.02)
-        raise RuntimeError("server did not start")
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=5)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
 @pytest.fixture(scope="module")
 def live(models):
     app = create_app(models, ServeSettings(api_key="sekret", max_tokens=64))
-    with LiveServer(app) as server:
+    with BackgroundServer(app) as server:
         yield server
 
 
@@ -254,7 +228,7 @@ def test_32_simultaneous_requests_equal_one_at_a_time(models):
     colours = [(30 * i % 256, 90 * i % 256, 170 * i % 256) for i in range(32)]
     bodies = [chat_body(scene(c), question=q, max_tokens=6)
               for c, q in zip(colours, [QUESTION, "Describe the image.", "Is there a green square?", "red"] * 8)]
-    with LiveServer(app) as server:
+    with BackgroundServer(app) as server:
         def send(body):
             r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
             assert r.status_code == 200, r.text
@@ -281,7 +255,7 @@ def test_requests_that_arrive_together_decode_together(models):
     app = create_app({"tiny": tiny}, ServeSettings(max_batch=8, batch_wait_ms=50))
     tiny.stream_batch = recording
     try:
-        with LiveServer(app) as server, ThreadPoolExecutor(8) as pool:
+        with BackgroundServer(app) as server, ThreadPoolExecutor(8) as pool:
             bodies = [chat_body(scene((20 * i, 0, 0)), max_tokens=4) for i in range(8)]   # no seed: random seeds
             codes = list(pool.map(lambda b: httpx.post(server.url + "/v1/chat/completions", json=b,
                                                        timeout=60).status_code, bodies))
@@ -296,7 +270,7 @@ def test_a_full_queue_answers_503_with_retry_after(models):
 
     app = create_app(models, ServeSettings(max_queue=1, max_batch=1, batch_wait_ms=0))
     batcher = app.state.batchers["tiny"]
-    with LiveServer(app) as server:
+    with BackgroundServer(app) as server:
         batcher.lock.acquire()   # the model is busy: the first request is taken and blocks, the next waits
         try:
             with ThreadPoolExecutor(3) as pool:

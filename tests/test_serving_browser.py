@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import base64
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -33,40 +30,12 @@ httpx = pytest.importorskip("httpx")
 
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
+
+from vlmkit.serving.local import BackgroundServer  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 MAX_TOKENS = 12
 WAIT_S = 20
-
-
-class Server:
-    """A vlmkit app served by uvicorn in a background thread on a free 127.0.0.1 port."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Accepted connections inherit this; without it replies wait on delayed ACKs (~40 ms each).
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> "Server":
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +49,7 @@ def assistant(tiny_vlm_dir):
 def server(assistant):
     from vlmkit.serving.app import create_app
 
-    with Server(create_app({"tiny": assistant})) as s:
+    with BackgroundServer(create_app({"tiny": assistant})) as s:
         yield s
 
 
@@ -233,7 +202,7 @@ def test_shift_enter_is_a_newline_and_errors_are_readable(server, browser, png):
 def test_api_key_field_sends_a_bearer_token(assistant, browser):
     from vlmkit.serving.app import ServeSettings, create_app
 
-    with Server(create_app({"tiny": assistant}, ServeSettings(api_key="sesame"))) as locked:
+    with BackgroundServer(create_app({"tiny": assistant}, ServeSettings(api_key="sesame"))) as locked:
         driver = browser
         open_page(driver, locked.url)
         wait(driver, lambda d: "API key" in d.find_element(By.ID, "error").text, "no readable 401 error")

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from vlmkit.convert import hf_io
-from vlmkit.convert.bert import ConversionError
+from vlmkit.convert.hf_io import ConversionError
 
 # model_type in config.json -> what it becomes
 IMPORTS = {

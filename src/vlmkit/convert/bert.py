@@ -10,16 +10,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from vlmkit.config import TextConfig
+from vlmkit.convert.hf_io import ConversionError, read_weights
 
 IGNORED = ("pooler.dense.weight", "pooler.dense.bias", "embeddings.position_ids")
 SUPPORTED_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
-
-
-class ConversionError(ValueError):
-    """A source checkpoint does not map onto a vlmkit module; the message names the tensor."""
 
 
 def minilm_path() -> Path:
@@ -57,12 +53,7 @@ def text_config(hf: dict, max_length: int = 64) -> TextConfig:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no *.safetensors weights found")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file)))
+    state = read_weights(path)
     # BertFor* heads keep the encoder under "bert."; BertModel has no prefix.
     if any(k.startswith("bert.") for k in state):
         state = {k[len("bert."):]: v for k, v in state.items() if k.startswith("bert.")}

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from vlmkit.config import DecoderConfig
-from vlmkit.convert.bert import ConversionError
+from vlmkit.convert.hf_io import ConversionError
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

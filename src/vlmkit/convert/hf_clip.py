@@ -27,7 +27,7 @@ import torch
 
 from vlmkit.config import ConfigError, DualEncoderConfig, TextConfig, VisionConfig
 from vlmkit.convert import hf_io
-from vlmkit.convert.bert import ConversionError
+from vlmkit.convert.hf_io import ConversionError
 
 SUPPORTED_MODEL_TYPES = ("clip", "siglip")
 # Sub-config model types (what LLaVA's vision_config says) name the same layouts.

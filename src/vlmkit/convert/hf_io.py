@@ -14,9 +14,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlmkit import checkpoint
-from vlmkit.convert.bert import ConversionError
 
 INDEX_FILE = "model.safetensors.index.json"
+
+
+class ConversionError(ValueError):
+    """A source checkpoint does not map onto a vlmkit module; the message names the tensor."""
 
 
 def resolve_source(source: str | Path, download: bool = False) -> Path:

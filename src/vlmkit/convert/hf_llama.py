@@ -30,7 +30,7 @@ import torch
 
 from vlmkit.config import ConfigError, DecoderConfig
 from vlmkit.convert import hf_io
-from vlmkit.convert.bert import ConversionError
+from vlmkit.convert.hf_io import ConversionError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 

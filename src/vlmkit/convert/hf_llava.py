@@ -26,7 +26,7 @@ import torch
 
 from vlmkit.config import ProjectorConfig, VisionConfig, VLMConfig
 from vlmkit.convert import hf_io
-from vlmkit.convert.bert import ConversionError
+from vlmkit.convert.hf_io import ConversionError
 
 VISION_TYPES = ("clip_vision_model", "siglip_vision_model", "vit")
 # LlavaConfig's own defaults for a vision_config that leaves keys out (llava-1.5's CLIP ViT-L/14-336).

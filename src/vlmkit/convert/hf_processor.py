@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlmkit.convert.bert import ConversionError
+from vlmkit.convert.hf_io import ConversionError
 from vlmkit.data.images import ImageTransform
 
 # PIL resampling codes as configs store them (PIL.Image.Resampling values).

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from vlmkit.config import VisionConfig
-from vlmkit.convert.bert import ConversionError
+from vlmkit.convert.hf_io import ConversionError
 
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}
 _EXPORT_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
