@@ -161,7 +161,7 @@ def _vlm_shapes() -> dict:
         "tokenizer_vocab": 600,
         "align": {"train": {"steps": 150, "batch_size": 64, "lr": 2e-3, "warmup_steps": 20, "save_every": 100},
                   "language_model": "full", "tasks": ["caption"]},
-        "instruct": {"train": {"steps": 1600, "batch_size": 64, "lr": 1.5e-3, "warmup_steps": 50,
+        "instruct": {"train": {"steps": 2400, "batch_size": 64, "lr": 1.5e-3, "warmup_steps": 50,
                                "weight_decay": 0.05, "save_every": 400, "eval_every": 800}},
     }
 
