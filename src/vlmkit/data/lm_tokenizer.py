@@ -175,7 +175,7 @@ class LMTokenizer:
 @functools.cache
 def _chatml() -> jinja2.Template:
     # Compiled once: compiling a template costs milliseconds, and a tokenizer is trained on
-    # every conversation of a run (minutes, for the demo's 120k, when compiled per call).
+    # every conversation of a run (minutes for the shapes preset's 120k, compiled per call).
     return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(CHATML_TEMPLATE)
 
 
