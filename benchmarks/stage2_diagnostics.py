@@ -118,9 +118,10 @@ def brain(steps: int, train_scenes: int, test_scenes: int, checkpoints: int = 3)
     train, test = examples("train", train_scenes), examples("test", test_scenes)
     tok = LMTokenizer.train([p + a for p, a, _ in train], vocab_size=600)
     torch.manual_seed(0)
-    lm = DecoderLM(vlm_preset("shapes").model.decoder.replace(vocab_size=tok.vocab_size))
+    preset = vlm_preset("shapes")
+    lm = DecoderLM(preset.model.decoder.replace(vocab_size=tok.vocab_size))
     rows = [(tok.encode(p), tok.encode(a) + [tok.eos_id]) for p, a, _ in train]
-    tr = vlm_preset("shapes").instruct.train
+    tr = preset.instruct.train
     opt = torch.optim.AdamW(lm.parameters(), lr=tr.lr, betas=(0.9, tr.beta2), weight_decay=tr.weight_decay)
     rng, results, started = random.Random(0), [], time.perf_counter()
     marks = {round(steps * (k + 1) / checkpoints) for k in range(checkpoints)}
@@ -167,7 +168,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1200, help="LM training steps for the text lookup test")
     parser.add_argument("--scenes", type=int, default=4000, help="training scenes for the probes")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = eyes(_stage1("shapes", Path(args.out)), args.scenes, 1000)
     for r in rows:
         print(r, flush=True)
