@@ -148,11 +148,12 @@ def brain(steps: int, train_scenes: int, test_scenes: int, checkpoints: int = 3)
             with torch.no_grad():
                 for p, a, kind in test:   # greedy, up to the end token; answers are a word or two
                     ids = tok.encode(p)
+                    start = len(ids)
                     for _ in range(4):
                         ids.append(lm(torch.tensor([ids]), last_only=True)[0, -1].argmax().item())
                         if ids[-1] == tok.eos_id:
                             break
-                    right.setdefault(kind, []).append(tok.decode(ids[len(tok.encode(p)):]).strip() == a.strip())
+                    right.setdefault(kind, []).append(tok.decode(ids[start:]).strip() == a.strip())
             lm.train()
             per_kind = ", ".join(f"{k} {sum(v) / len(v):.2f}" for k, v in right.items())
             total = sum(sum(v) for v in right.values()) / sum(len(v) for v in right.values())
