@@ -29,13 +29,24 @@ from vlmkit.training.instruct import train_vlm  # noqa: E402
 
 
 def _stage1(name: str, out: Path) -> Path:
-    """The Stage 1 tower Stage 2 starts from (reused when a finished one is there)."""
-    model = out / name / "model"
-    if not (model / "model.safetensors").is_file():
-        run = train_clip(preset(name), out / name)
+    """The Stage 1 tower Stage 2 starts from: reused when a finished one of the current preset is there."""
+    cfg, model = preset(name), out / name / "model"
+    saved = out / name / "run_config.json"
+    current = (model / "model.safetensors").is_file() and saved.is_file() and _same_recipe(
+        json.loads(saved.read_text()), cfg.to_dict())
+    if not current:
+        shutil.rmtree(out / name, ignore_errors=True)
+        started = time.perf_counter()
+        run = train_clip(cfg, out / name)
         if run.status != "done":
             raise SystemExit("Stage 1 training was interrupted")
+        (out / name / "minutes.json").write_text(json.dumps({"minutes": (time.perf_counter() - started) / 60}))
     return model
+
+
+def _same_recipe(saved: dict, now: dict) -> bool:
+    """Same vision tower, data and training settings (the text vocabulary is fixed by its tokenizer)."""
+    return all(saved[k] == now[k] for k in ("data", "train")) and saved["model"]["vision"] == now["model"]["vision"]
 
 
 def _train(name: str, cfg, out: Path) -> tuple[dict, float]:
@@ -76,16 +87,26 @@ def shapes(out: Path) -> None:
 
 
 def easy_vqa(out: Path) -> None:
-    cfg = vlm_preset("easy-vqa").override({"vision_init": str(_stage1("easy-vqa", out))})
+    tower = _stage1("easy-vqa", out)
+    stage1 = json.loads((tower.parent / "results.json").read_text())
+    timing = tower.parent / "minutes.json"
+    stage1_minutes = f"{json.loads(timing.read_text())['minutes']:.1f}" if timing.is_file() else "not timed"
+    s1 = preset("easy-vqa")
+    cfg = vlm_preset("easy-vqa").override({"vision_init": str(tower)})
     r, minutes = _train("vlm-easy-vqa", cfg, out)
     write_section("stage2-easy-vqa", "Stage 2: Easy-VQA, Stage 1 tower + small LM from scratch (preset `easy-vqa`)", [
         (f"easy-vqa exact match, generated answers (n={r['vqa']['count']} test questions)", f"{r['vqa']['accuracy']:.3f}"),
         *_kinds(r),
-        ("training steps x batch", f"{cfg.instruct.train.steps} x {cfg.instruct.train.batch_size}"),
-        ("wall time, data + training + evaluation (min)", f"{minutes:.1f}"),
+        ("Stage 1 tower: zero-shot colour+shape accuracy over 24 classes (test images)",
+         f"{stage1['zero_shot/top1_accuracy']:.3f}"),
+        ("Stage 1: steps x batch; patch size; wall time (min)",
+         f"{s1.train.steps} x {s1.train.batch_size}; {s1.model.vision.patch_size} px; {stage1_minutes}"),
+        ("Stage 2 training steps x batch", f"{cfg.instruct.train.steps} x {cfg.instruct.train.batch_size}"),
+        ("Stage 2 wall time, data + training + evaluation (min)", f"{minutes:.1f}"),
     ], notes="Floor (issue 3): >= 0.95 on the test set (9,673 questions). For scale: the published CNN + LSTM "
              "answer classifier scores 0.876. Our model generates the answer as text; nothing restricts it to "
-             "the 13 answers.")
+             "the 13 answers. The Stage 1 tower trains with flips and transposes of its images and with "
+             "identical captions left out of the InfoNCE negatives (Easy-VQA has 24 distinct captions).")
 
 
 def llava_smol(out: Path) -> None:

@@ -45,6 +45,20 @@ def test_a_finished_run_resumes_without_training_again(vlm_run):
     assert again.results["vqa"]["accuracy"] == run.results["vqa"]["accuracy"]
 
 
+def test_cached_frozen_tower_tokens_train_exactly_like_pixels(tmp_path, monkeypatch):
+    from vlmkit.training import instruct
+
+    short = {**LEARNABLE, "data.train_size": 100, "instruct.train.steps": 6, "instruct.train.log_every": 1}
+    cached = train_vlm(vlm_preset("tiny").override(short), tmp_path / "cached", progress=False)
+    monkeypatch.setattr(instruct, "_frozen_vision_tokens", lambda *args: None)
+    plain = train_vlm(vlm_preset("tiny").override(short), tmp_path / "plain", progress=False)
+    assert cached.status == plain.status == "done"
+    losses = [[json.loads(line)["loss"] for line in (d / "instruct" / "metrics.jsonl").read_text().splitlines()
+               if "loss" in line] for d in (tmp_path / "cached", tmp_path / "plain")]
+    assert len(losses[0]) == 6
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
 def test_align_then_instruct_with_lora_and_a_stage1_tower(tiny_run, tmp_path):
     cfg = vlm_preset("tiny").override({
         "vision_init": str(tiny_run.model_dir), "data.train_size": 40, "data.eval_size": 4,

@@ -50,3 +50,34 @@ def test_losses_backpropagate_to_the_scale():
     bias = torch.tensor(-3.0, requires_grad=True)
     (infonce_loss(img, txt, scale) + siglip_loss(img, txt, scale, bias)).backward()
     assert scale.grad is not None and bias.grad is not None
+
+
+def test_infonce_leaves_identical_captions_out_of_the_negatives():
+    img, txt = _pairs(n=6, seed=2)
+    ids = torch.tensor([0, 1, 0, 2, 1, 0])  # pairs 0, 2, 5 share a caption; so do 1 and 4
+    scale = torch.tensor(7.0)
+    n = len(img)
+    total = 0.0
+    for i in range(n):  # the rivals of pair i are the pairs with a different caption
+        keep = [j for j in range(n) if j == i or ids[j] != ids[i]]
+        row = [math.exp(scale * float(img[i] @ txt[j])) for j in keep]
+        col = [math.exp(scale * float(txt[i] @ img[j])) for j in keep]
+        mine = keep.index(i)
+        total += -math.log(row[mine] / sum(row)) - math.log(col[mine] / sum(col))
+    assert abs(infonce_loss(img, txt, scale, ids).item() - total / (2 * n)) < 1e-5
+    # All-distinct ids change nothing.
+    assert torch.allclose(infonce_loss(img, txt, scale, torch.arange(n)), infonce_loss(img, txt, scale))
+
+
+def test_siglip_counts_identical_captions_as_matches():
+    img, txt = _pairs(seed=3)
+    ids = torch.tensor([0, 1, 0, 2, 1, 0])
+    scale, bias = torch.tensor(10.0), torch.tensor(-5.0)
+    n = len(img)
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            z = 1.0 if ids[i] == ids[j] else -1.0
+            logit = scale * float(img[i] @ txt[j]) + bias
+            total += math.log1p(math.exp(-z * float(logit)))
+    assert abs(siglip_loss(img, txt, scale, bias, ids).item() - total / n) < 1e-4

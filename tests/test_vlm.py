@@ -143,6 +143,7 @@ def test_images_fill_their_own_slots(tokenizer):
     assert not torch.allclose(out_ab[0, -1], out_ba[0, -1])
     feats = model.image_features(torch.cat([a, b]))
     torch.testing.assert_close(model(ids, image_features=feats), out_ab)
+    torch.testing.assert_close(model(ids, vision_tokens=model.vision_tokens(torch.cat([a, b]))), out_ab)
 
 
 @pytest.mark.parametrize("projector, tokens", [({"kind": "mlp"}, 16), ({"kind": "pixel_shuffle", "shuffle_factor": 2}, 4),

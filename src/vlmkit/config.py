@@ -278,6 +278,12 @@ class TrainConfig(Config):
     lock_text: bool = False         # LiT: keep the (pretrained) text tower frozen
     lock_vision: bool = False
     text_init: str | None = None    # a BERT directory to start the text tower from
+    # Stage 1 only. "dihedral": each training image is randomly flipped and transposed (the 8
+    # symmetries of a square); only for data whose captions never name a side or position.
+    augment: Literal["none", "dihedral"] = "none"
+    # Stage 1 only: other pairs with the very same caption are not negatives (InfoNCE) or
+    # count as matches (SigLIP). For data with few distinct captions.
+    dedupe_captions: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "save_every", "keep_checkpoints"):

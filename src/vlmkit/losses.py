@@ -2,6 +2,10 @@
 
 Under torchrun the embeddings of every rank are gathered (with gradients flowing back to
 the local shard), so each image is contrasted with the captions of the global batch.
+
+Both losses take optional `caption_ids` (one integer per pair, equal for identical
+captions). Data with few distinct captions (Easy-VQA has 24) puts many copies of a caption
+in one batch; without the ids those copies are pushed apart as if they were mismatches.
 """
 from __future__ import annotations
 
@@ -20,29 +24,55 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(parts, dim=0), dist.get_rank() * x.shape[0]
 
 
-def infonce_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def same_caption(caption_ids: torch.Tensor | None, offset: int) -> torch.Tensor | None:
+    """Bool [B, B_global]: local pair i and global pair j have the same caption, i != j."""
+    if caption_ids is None:
+        return None
+    all_ids = caption_ids
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [torch.empty_like(caption_ids) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, caption_ids)
+        all_ids = torch.cat(parts)
+    same = caption_ids[:, None] == all_ids[None, :]
+    rows = torch.arange(len(caption_ids), device=same.device)
+    same[rows, rows + offset] = False
+    return same
+
+
+def infonce_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
+                 caption_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric cross-entropy over image->text rows and text->image columns.
 
-    image, text: [B, E], L2-normalised; row i of each is a matching pair.
+    image, text: [B, E], L2-normalised; row i of each is a matching pair. With
+    `caption_ids`, other pairs that share the caption are left out of the negatives.
     """
     all_text, offset = gather_with_grad(text)
     all_image, _ = gather_with_grad(image)
     targets = torch.arange(image.shape[0], device=image.device) + offset
-    logits_i2t = scale * image @ all_text.T  # [B, B_global]
-    logits_t2i = scale * text @ all_image.T
-    return (F.cross_entropy(logits_i2t.float(), targets) + F.cross_entropy(logits_t2i.float(), targets)) / 2
+    logits_i2t = (scale * image @ all_text.T).float()  # [B, B_global]
+    logits_t2i = (scale * text @ all_image.T).float()
+    same = same_caption(caption_ids, offset)
+    if same is not None:
+        logits_i2t = logits_i2t.masked_fill(same, float("-inf"))
+        logits_t2i = logits_t2i.masked_fill(same, float("-inf"))
+    return (F.cross_entropy(logits_i2t, targets) + F.cross_entropy(logits_t2i, targets)) / 2
 
 
-def siglip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def siglip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                caption_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Each (image, caption) pair is an independent binary problem: match or not.
 
-    Normalised by the number of images, as in the SigLIP paper.
+    Normalised by the number of images, as in the SigLIP paper. With `caption_ids`, an
+    image and another pair's identical caption count as a match.
     """
     all_text, offset = gather_with_grad(text)
     logits = scale * image @ all_text.T + bias  # [B, B_global]
     signs = -torch.ones_like(logits)
     rows = torch.arange(image.shape[0], device=image.device)
     signs[rows, rows + offset] = 1.0
+    same = same_caption(caption_ids, offset)
+    if same is not None:
+        signs = signs.masked_fill(same, 1.0)
     return -F.logsigmoid(signs * logits.float()).sum() / image.shape[0]
 
 

@@ -64,18 +64,23 @@ def _fashion_mnist_lit() -> dict:
 
 
 def _easy_vqa() -> dict:
-    """Contrastive training on Easy-VQA images with captions derived from their answers."""
+    """Contrastive training on Easy-VQA images with captions derived from their answers.
+
+    Only 4,000 training images and 24 distinct captions: 8 px patches (16 px ones blur a
+    circle into a rectangle), flips and transposes of the images (questions never name a
+    side), and identical captions kept out of each other's negatives.
+    """
     return {
         "model": {
-            "vision": {"image_size": 64, "patch_size": 16, "width": 128, "depth": 4, "heads": 4, "mlp_dim": 512},
+            "vision": {"image_size": 64, "patch_size": 8, "width": 128, "depth": 4, "heads": 4, "mlp_dim": 512},
             "text": {"vocab_size": 200, "width": 128, "depth": 2, "heads": 4, "mlp_dim": 512,
                      "max_positions": 32, "max_length": 16},
             "embed_dim": 128,
             "vision_pool": "cls",
         },
         "data": {"source": "easy_vqa", "eval_size": 500},
-        "train": {"steps": 500, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.05,
-                  "save_every": 250},
+        "train": {"steps": 1500, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.05,
+                  "save_every": 250, "augment": "dihedral", "dedupe_captions": True},
     }
 
 
@@ -167,9 +172,13 @@ def _vlm_shapes() -> dict:
 
 
 def _vlm_easy_vqa() -> dict:
-    """Easy-VQA (64 px shapes, 13 answers): a small LM from scratch on a Stage 1 `easy-vqa` tower."""
+    """Easy-VQA (64 px shapes, 13 answers): a small LM from scratch on a Stage 1 `easy-vqa` tower.
+
+    Pixel shuffle merges the tower's 8x8 patch grid into 16 LM tokens.
+    """
     return {
         "model": {"vision": _easy_vqa()["model"]["vision"],
+                  "projector": {"kind": "pixel_shuffle", "shuffle_factor": 2},
                   "decoder": {"width": 192, "depth": 3, "heads": 4, "kv_heads": 2, "mlp_dim": 512,
                               "max_positions": 96}},
         "data": {"source": "easy_vqa", "eval_size": 1000},
@@ -181,14 +190,14 @@ def _vlm_easy_vqa() -> dict:
 
 
 def _llava_smol() -> dict:
-    """A real brain: a Stage 1 vision tower + MLP projector + SmolLM2-135M-Instruct (LoRA).
+    """A real brain: a Stage 1 vision tower + projector + SmolLM2-135M-Instruct (LoRA).
 
     The projector and LoRA adapters train (the LM's own weights stay as they are, so its
     language ability is kept); set `vision_init` to a Stage 1 checkpoint.
     """
     return {
-        "model": {"vision": {"image_size": 64, "patch_size": 16, "width": 128, "depth": 4, "heads": 4,
-                             "mlp_dim": 512},
+        "model": {"vision": _easy_vqa()["model"]["vision"],
+                  "projector": {"kind": "pixel_shuffle", "shuffle_factor": 2},  # 16 image tokens
                   "decoder": {"max_positions": 256}},
         "lm_init": "smollm2",
         "data": {"source": "easy_vqa", "eval_size": 50, "max_length": 96},

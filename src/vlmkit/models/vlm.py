@@ -27,19 +27,30 @@ class VisionLanguageModel(nn.Module):
         self.multi_modal_projector = Projector(cfg.projector, cfg.vision.width, cfg.decoder.width)
         self.language_model = DecoderLM(cfg.decoder)
 
-    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels [n_images, 3, H, W] -> LM-space image tokens [n_images, K, D_lm]."""
+    def vision_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [n_images, 3, H, W] -> the tower tokens the projector reads [n_images, N, D_vision]."""
         tokens = self.vision_tower(pixels, layer=self.cfg.vision_layer)  # [n, prefix + N, Dv]
         if self.cfg.vision_select == "patch":
             tokens = tokens[:, self.vision_tower.prefix:]
-        return self.multi_modal_projector(tokens)
+        return tokens
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [n_images, 3, H, W] -> LM-space image tokens [n_images, K, D_lm]."""
+        return self.multi_modal_projector(self.vision_tokens(pixels))
 
     def embed_inputs(self, input_ids: torch.Tensor, pixels: torch.Tensor | None = None,
-                     image_features: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings [B, T, D] with every image slot filled by an image token."""
+                     image_features: torch.Tensor | None = None,
+                     vision_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings [B, T, D] with every image slot filled by an image token.
+
+        The images come as `pixels`, as `vision_tokens` (a frozen tower's output, computed
+        once and cached by training) or as finished `image_features`.
+        """
         slots = input_ids == self.image_token_id
         n_slots = int(slots.sum())
-        if image_features is None and pixels is not None and len(pixels):
+        if image_features is None and vision_tokens is not None and len(vision_tokens):
+            image_features = self.multi_modal_projector(vision_tokens)
+        elif image_features is None and pixels is not None and len(pixels):
             image_features = self.image_features(pixels)
         n_images = 0 if image_features is None else image_features.shape[0]
         K = self.cfg.image_tokens
@@ -55,7 +66,8 @@ class VisionLanguageModel(nn.Module):
         return embeds
 
     def forward(self, input_ids: torch.Tensor, pixels: torch.Tensor | None = None,
-                image_features: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                image_features: torch.Tensor | None = None, vision_tokens: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, key_mask: torch.Tensor | None = None,
                 last_only: bool = False, logits_at: torch.Tensor | None = None,
                 attentions: list | None = None) -> torch.Tensor:
@@ -64,7 +76,7 @@ class VisionLanguageModel(nn.Module):
         Training asks for the answer positions only: the vocabulary projection is the
         largest matrix product of a small LM, and prompt and image positions need none.
         """
-        embeds = self.embed_inputs(input_ids, pixels, image_features)
+        embeds = self.embed_inputs(input_ids, pixels, image_features, vision_tokens)
         lm = self.language_model
         if logits_at is None:
             return lm(embeds=embeds, positions=positions, cache=cache, key_mask=key_mask,

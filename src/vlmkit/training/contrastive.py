@@ -14,6 +14,7 @@ import torch
 
 from vlmkit.checkpoint import save_checkpoint
 from vlmkit.config import ClipRunConfig
+from vlmkit.data.augment import AUGMENTATIONS
 from vlmkit.data.images import ImageTransform
 from vlmkit.data.prepared import prepare
 from vlmkit.data.sources import build_source
@@ -109,10 +110,19 @@ def train_clip(cfg: ClipRunConfig, out_dir: str | Path, resume: bool = True) -> 
     ids, mask = tokenizer.encode(train.captions, max_length=model_cfg.text.max_length)
     text_cache = _locked_text_features(model, ids, mask, device) if cfg.train.lock_text else None
     plan = BatchPlan(len(train), cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed)
+    augment = AUGMENTATIONS.get(cfg.train.augment)
+    caption_ids = _caption_ids(train.captions) if cfg.train.dedupe_captions else None
 
     def batch_fn(step: int, micro: int):
         rows = plan(step, micro)
-        batch = {"pixels": train.pixels(rows).to(device)}
+        pixels = train.pixels(rows)
+        if augment is not None:  # seeded by the step, so a resumed run sees the same batches
+            seed = np.random.SeedSequence([cfg.train.seed, step, micro, distributed.rank()]).generate_state(1)[0]
+            rng = torch.Generator().manual_seed(int(seed))
+            pixels = augment(pixels, rng)
+        batch = {"pixels": pixels.to(device)}
+        if caption_ids is not None:
+            batch["caption_ids"] = caption_ids[rows].to(device)
         if text_cache is not None:
             batch["text_pooled"] = text_cache[rows].to(device)
         else:
@@ -124,7 +134,11 @@ def train_clip(cfg: ClipRunConfig, out_dir: str | Path, resume: bool = True) -> 
         image, text, scale, bias = net(batch["pixels"], batch.get("ids"), batch.get("mask"),
                                        text_pooled=batch.get("text_pooled"))
         scale = scale.float()
-        loss = siglip_loss(image, text, scale, bias) if model_cfg.loss == "siglip" else infonce_loss(image, text, scale)
+        ids = batch.get("caption_ids")
+        if model_cfg.loss == "siglip":
+            loss = siglip_loss(image, text, scale, bias, ids)
+        else:
+            loss = infonce_loss(image, text, scale, ids)
         return loss, {"logit_scale": scale.item()}
 
     zero_shot = zero_shot_sets(eval_source, eval_data, transform, cfg.data.eval_size, cfg.data.source_options,
@@ -162,6 +176,12 @@ def train_clip(cfg: ClipRunConfig, out_dir: str | Path, resume: bool = True) -> 
                                                  device=device)
             print("[vlmkit] pictures: " + ", ".join(str(p) for p in pictures.values()))
     return ClipRun(model_dir, results, status)
+
+
+def _caption_ids(captions: list[str]) -> torch.Tensor:
+    """One integer per caption, equal for identical captions."""
+    index: dict[str, int] = {}
+    return torch.tensor([index.setdefault(c, len(index)) for c in captions], dtype=torch.long)
 
 
 @torch.no_grad()

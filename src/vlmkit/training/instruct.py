@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from vlmkit.checkpoint import load_weights, read_config, save_checkpoint
 from vlmkit.config import DualEncoderConfig, PhaseConfig, VisionConfig, VLMConfig, VlmRunConfig
@@ -180,20 +181,25 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
             raise DataError(f"phase {name!r}: no training conversations of kinds {phase.tasks}; "
                             f"the data has {dict(train_set.kinds())}")
         set_trainable(model, phase)
+        cached = _frozen_vision_tokens(model, train_set, rows, device, progress) if phase.vision == "frozen" else None
         # A phase with fewer conversations than a batch (a small LLaVA file) trains on all of them each step.
         plan = BatchPlan(len(rows), min(phase.train.batch_size, len(rows)), phase.train.grad_accum, phase.train.seed)
 
-        def batch_fn(step: int, micro: int, rows=rows, plan=plan):
+        def batch_fn(step: int, micro: int, rows=rows, plan=plan, cached=cached):
             chosen = [rows[i] for i in plan(step, micro).tolist()]
             batch = collate([encoded[i] for i in chosen], tokenizer.pad_id)
-            image_rows = [r for i in chosen for r in train_set.conversations[i].images]
+            image_rows = torch.tensor([r for i in chosen for r in train_set.conversations[i].images], dtype=torch.long)
             batch = {k: v.to(device) for k, v in batch.items()}
-            batch["pixels"] = train_set.images.pixels(torch.tensor(image_rows, dtype=torch.long)).to(device)
+            if cached is not None:
+                batch["vision_tokens"] = cached[image_rows].to(device)
+            else:
+                batch["pixels"] = train_set.images.pixels(image_rows).to(device)
             return batch
 
         def loss_fn(net, batch):
             where = answer_positions(batch["labels"])
-            logits = net(batch["ids"], pixels=batch["pixels"], positions=batch["positions"], logits_at=where)
+            logits = net(batch["ids"], pixels=batch.get("pixels"), vision_tokens=batch.get("vision_tokens"),
+                         positions=batch["positions"], logits_at=where)
             return answer_loss(logits, batch["labels"]), {"answer_tokens": float(where.sum())}
 
         trainer = Trainer(model, phase.train, phase_dir, batch_fn, loss_fn, save_model, eval_fn, device,
@@ -225,10 +231,34 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
 def _calibrate_projector(model: VisionLanguageModel, data: ConversationSet, device, images: int = 512) -> None:
     """Standardise the projector's input on a sample of training images (see Projector.calibrate)."""
     rows = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(0))[:images]
-    tokens = model.vision_tower(data.images.pixels(rows).to(device), layer=model.cfg.vision_layer)
-    if model.cfg.vision_select == "patch":
-        tokens = tokens[:, model.vision_tower.prefix:]
-    model.multi_modal_projector.calibrate(tokens)
+    model.multi_modal_projector.calibrate(model.vision_tokens(data.images.pixels(rows).to(device)))
+
+
+@torch.no_grad()
+def _frozen_vision_tokens(model: VisionLanguageModel, data: ConversationSet, rows: list[int], device,
+                          progress: bool, budget_bytes: int = 4 << 30) -> torch.Tensor | None:
+    """A frozen tower maps each training image to fixed tokens: compute them once, not every step.
+
+    Returns [n_images, N, D_vision] on the CPU (rows of images no conversation in `rows`
+    uses stay zero), or None when that would not fit in `budget_bytes`.
+    """
+    needed = sorted({r for i in rows for r in data.conversations[i].images})
+    cfg = model.cfg.vision
+    per_image = (cfg.image_size // cfg.patch_size) ** 2 + model.vision_tower.prefix
+    if len(data.images) * per_image * cfg.width * 4 > budget_bytes:
+        return None
+    was_training = model.vision_tower.training
+    model.vision_tower.eval()
+    cache = None
+    for start in tqdm(range(0, len(needed), 256), desc="vision tokens", unit="batch", leave=False,
+                      disable=not (progress and distributed.is_main())):
+        chunk = torch.tensor(needed[start: start + 256], dtype=torch.long)
+        tokens = model.vision_tokens(data.images.pixels(chunk).to(device)).float().cpu()
+        if cache is None:
+            cache = torch.zeros(len(data.images), *tokens.shape[1:])
+        cache[chunk] = tokens
+    model.vision_tower.train(was_training)
+    return cache
 
 
 def _subset(data: ConversationSet, indices: list[int]) -> ConversationSet:
