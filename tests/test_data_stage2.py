@@ -340,3 +340,52 @@ def test_easy_vqa_conversations():
         assert c.meta["answer"] == answer == c.messages[1].content and c.meta["question"] == question
     ex = ds[convs[0].images[0]]
     assert (convs[0].meta["question"], convs[0].meta["answer"]) in ex.meta["questions"]
+
+
+# --- multi-turn training conversations ---------------------------------------------------------
+
+
+def test_merge_turns_groups_questions_about_one_image():
+    from vlmkit.data.vqa_sets import merge_turns, of_kinds
+
+    vqa = ShapesVQA(split="train", size=40, image_size=48)
+    single = vqa.all_conversations()
+    merged = merge_turns(single, turns=3, seed=1)
+    for c in merged:
+        c.validate()
+        assert len(c.images) == 1 and c.num_placeholders() == 1
+        assert c.messages[0].content.startswith(IMAGE_PLACEHOLDER)  # the image comes first, once
+        if c.meta["kind"] == "multi_turn":
+            assert 2 <= len(c.meta["kinds"]) <= 3 and "caption" not in c.meta["kinds"]
+        else:
+            assert len(c.messages) == 2
+    # Nothing lost or invented: the same (image, question, answer) triples, captions alone.
+    def triples(convs):
+        out = Counter()
+        for c in convs:
+            for q, a in zip(c.messages[0::2], c.messages[1::2]):
+                out[c.images[0], q.content.replace(IMAGE_PLACEHOLDER, "").strip(), a.content] += 1
+        return out
+
+    assert triples(merged) == triples(single)
+    assert sum(c.meta["kind"] == "caption" for c in merged) == sum(c.meta["kind"] == "caption" for c in single)
+    assert len(merged) < len(single)
+    assert merge_turns(single, turns=3, seed=1) == merged  # deterministic
+    assert merge_turns(single, turns=1) is single
+    # Phase task filters see every question kind inside a merged conversation.
+    multi = next(c for c in merged if c.meta["kind"] == "multi_turn")
+    assert of_kinds(multi, multi.meta["kinds"]) and not of_kinds(multi, multi.meta["kinds"][:1])
+
+
+def test_train_turns_merges_training_conversations_only():
+    from vlmkit.config import VlmDataConfig
+    from vlmkit.data.images import ImageTransform
+    from vlmkit.data.vqa_sets import build_set
+
+    cfg = VlmDataConfig.from_dict({"source": "shapes", "train_turns": 4,
+                                   "source_options": {"image_size": 48}}, "test")
+    transform = ImageTransform(size=48)
+    train = build_set(cfg, "train", 30, transform)
+    test = build_set(cfg, "test", 30, transform)
+    assert any(c.meta["kind"] == "multi_turn" for c in train.conversations)
+    assert all(len(c.messages) == 2 for c in test.conversations)

@@ -413,9 +413,13 @@ class VlmDataConfig(Config):
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     max_length: int = 128                  # tokens per conversation, image slots included
     max_bad_fraction: float = 0.01
+    # Training conversations ask up to this many questions about their image, one per turn
+    # (captions stay alone); evaluation always asks one. See vqa_sets.merge_turns.
+    train_turns: int = 1
 
     def __post_init__(self) -> None:
         _require(self.max_length > 0 and self.eval_size > 0, "data.max_length and eval_size must be positive")
+        _require(self.train_turns >= 1, "data.train_turns must be >= 1")
 
 
 @dataclass

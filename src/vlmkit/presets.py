@@ -72,11 +72,14 @@ def _easy_vqa() -> dict:
     """
     return {
         "model": {
-            "vision": {"image_size": 64, "patch_size": 8, "width": 128, "depth": 4, "heads": 4, "mlp_dim": 512},
+            "vision": {"image_size": 64, "patch_size": 8, "width": 128, "depth": 4, "heads": 4, "mlp_dim": 512,
+                       "class_token": False},
             "text": {"vocab_size": 200, "width": 128, "depth": 2, "heads": 4, "mlp_dim": 512,
                      "max_positions": 32, "max_length": 16},
             "embed_dim": 128,
-            "vision_pool": "cls",
+            # Mean pooling puts the contrastive loss on every patch token, the tokens Stage 2
+            # reads; with a class token the last layer's patch outputs get no training signal.
+            "vision_pool": "mean",
         },
         "data": {"source": "easy_vqa", "eval_size": 500},
         "train": {"steps": 1500, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.05,

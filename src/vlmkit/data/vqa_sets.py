@@ -7,12 +7,13 @@ image paths are decoded once (unreadable images drop their conversations, counte
 """
 from __future__ import annotations
 
+import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from vlmkit.config import VlmDataConfig
-from vlmkit.data.conversation import Conversation, load_llava_json
+from vlmkit.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message, load_llava_json
 from vlmkit.data.images import ImageTransform, load_image
 from vlmkit.data.prepared import DataError, PreparedPairs, prepare
 from vlmkit.data.sources.base import Example, Source
@@ -36,10 +37,56 @@ class ConversationSet:
         """The conversations of the given kinds (all when `kinds` is None)."""
         if kinds is None:
             return self
-        kept = [c for c in self.conversations if c.meta.get("kind", "chat") in kinds]
+        kept = [c for c in self.conversations if of_kinds(c, kinds)]
         if not kept:
             raise DataError(f"no conversations of kinds {kinds}; this set has {dict(self.kinds())}")
         return ConversationSet(self.images, kept, self.dropped)
+
+
+def of_kinds(conversation: Conversation, kinds: list[str] | None) -> bool:
+    """Whether every question of `conversation` is of one of `kinds` (None: any)."""
+    if kinds is None:
+        return True
+    return all(k in kinds for k in conversation.meta.get("kinds", [conversation.meta.get("kind", "chat")]))
+
+
+def merge_turns(conversations: list[Conversation], turns: int, seed: int = 0,
+                single: tuple[str, ...] = ("caption",)) -> list[Conversation]:
+    """Questions about the same image, up to `turns` at a time, as one multi-turn conversation.
+
+    LLaVA trains on conversations like these: the image is read once and every answer in
+    the sequence is a training target, so a step learns from several questions for little
+    more compute than one. The questions of an image are shuffled before they are grouped.
+    Kinds in `single` stay single-turn (the align phase trains on captions alone, and a
+    caption earlier in the conversation would give the later answers away as text); so do
+    conversations that are not one user question about one image.
+    """
+    if turns < 2:
+        return conversations
+    rng = random.Random(seed)
+    by_image: dict = {}
+    merged: list[Conversation] = []
+    for c in conversations:
+        one_question = (len(c.images) == 1 and len(c.messages) == 2 and c.messages[0].role == "user"
+                        and c.messages[0].content.count(IMAGE_PLACEHOLDER) == 1)
+        if one_question and c.meta.get("kind", "chat") not in single:
+            by_image.setdefault(c.images[0], []).append(c)
+        else:
+            merged.append(c)
+    for image, group in by_image.items():
+        rng.shuffle(group)
+        for start in range(0, len(group), turns):
+            chunk = group[start: start + turns]
+            if len(chunk) == 1:
+                merged.append(chunk[0])
+                continue
+            messages = list(chunk[0].messages)
+            for c in chunk[1:]:
+                question = c.messages[0].content.replace(IMAGE_PLACEHOLDER, "").strip()
+                messages += [Message("user", question), c.messages[1]]
+            merged.append(Conversation(messages, [image], {"kind": "multi_turn",
+                                                           "kinds": [c.meta.get("kind", "chat") for c in chunk]}))
+    return merged
 
 
 class ImageFiles(Source):
@@ -72,7 +119,18 @@ def _remap(conversations: list[Conversation], prepared: PreparedPairs, key) -> t
 
 def build_set(cfg: VlmDataConfig, split: str, size: int | None, transform: ImageTransform,
               source: str | None = None) -> ConversationSet:
-    """The conversations of `split` ("train"/"test"/"heldout" for shapes) from `source` (default cfg.source)."""
+    """The conversations of `split` ("train"/"test"/"heldout" for shapes) from `source` (default cfg.source).
+
+    Training conversations ask up to `cfg.train_turns` questions each; evaluation ones one.
+    """
+    data = _build_set(cfg, split, size, transform, source)
+    if split == "train" and cfg.train_turns > 1:
+        data = ConversationSet(data.images, merge_turns(data.conversations, cfg.train_turns), data.dropped)
+    return data
+
+
+def _build_set(cfg: VlmDataConfig, split: str, size: int | None, transform: ImageTransform,
+               source: str | None) -> ConversationSet:
     name = source or cfg.source
     options = dict(cfg.source_options)
     if name == "shapes":

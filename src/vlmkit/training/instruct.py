@@ -25,7 +25,7 @@ from vlmkit.data.chat import Encoded, PromptTooLong, collate, encode_conversatio
 from vlmkit.data.images import ImageTransform
 from vlmkit.data.lm_tokenizer import LMTokenizer, render_chatml
 from vlmkit.data.prepared import DataError
-from vlmkit.data.vqa_sets import ConversationSet, build_set
+from vlmkit.data.vqa_sets import ConversationSet, build_set, of_kinds
 from vlmkit.evaluation.report import write_report
 from vlmkit.evaluation.vlm_eval import evaluate_vlm, headline
 from vlmkit.losses import answer_loss, answer_positions
@@ -175,8 +175,7 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
         if resume and (phase_dir / "model" / "model.safetensors").is_file():
             load_weights(model, phase_dir / "model")   # this phase finished in an earlier run
             continue
-        rows = [i for i, e in enumerate(encoded) if e is not None and
-                (phase.tasks is None or train_set.conversations[i].meta.get("kind", "chat") in phase.tasks)]
+        rows = [i for i, e in enumerate(encoded) if e is not None and of_kinds(train_set.conversations[i], phase.tasks)]
         if not rows:
             raise DataError(f"phase {name!r}: no training conversations of kinds {phase.tasks}; "
                             f"the data has {dict(train_set.kinds())}")
