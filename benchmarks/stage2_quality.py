@@ -105,8 +105,9 @@ def easy_vqa(out: Path) -> None:
         ("Stage 2 wall time, data + training + evaluation (min)", f"{minutes:.1f}"),
     ], notes="Floor (issue 3): >= 0.95 on the test set (9,673 questions). For scale: the published CNN + LSTM "
              "answer classifier scores 0.876. Our model generates the answer as text; nothing restricts it to "
-             "the 13 answers. The Stage 1 tower trains with flips and transposes of its images and with "
-             "identical captions left out of the InfoNCE negatives (Easy-VQA has 24 distinct captions).")
+             "the 13 answers. The Stage 1 tower (8 px patches, mean-pooled) trains with flips and transposes of "
+             "its images and with identical captions left out of the InfoNCE negatives (Easy-VQA has 24 "
+             "distinct captions).")
 
 
 def llava_smol(out: Path) -> None:
