@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import write_section  # noqa: E402
 
+from vlmkit.config import ClipRunConfig  # noqa: E402
 from vlmkit.presets import preset, vlm_preset  # noqa: E402
 from vlmkit.training.contrastive import train_clip  # noqa: E402
 from vlmkit.training.instruct import train_vlm  # noqa: E402
@@ -45,7 +46,11 @@ def _stage1(name: str, out: Path) -> Path:
 
 
 def _same_recipe(saved: dict, now: dict) -> bool:
-    """Same vision tower, data and training settings (the text vocabulary is fixed by its tokenizer)."""
+    """Same vision tower, data and training settings (the text vocabulary is fixed by its tokenizer).
+
+    The saved config is read back first, so settings added since it was written compare as their defaults.
+    """
+    saved = ClipRunConfig.from_dict(saved, "saved run_config.json").to_dict()
     return all(saved[k] == now[k] for k in ("data", "train")) and saved["model"]["vision"] == now["model"]["vision"]
 
 
