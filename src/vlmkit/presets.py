@@ -164,9 +164,7 @@ def _vlm_shapes() -> dict:
         "model": {"vision": _SHAPES_VISION,
                   "decoder": {"width": 192, "depth": 3, "heads": 4, "kv_heads": 2, "mlp_dim": 512,
                               "max_positions": 128}},
-        # Up to 4 questions about a scene per training conversation: the image is read once
-        # for all of them.
-        "data": {"source": "shapes", "train_size": 20000, "eval_size": 500, "train_turns": 4,
+        "data": {"source": "shapes", "train_size": 16000, "eval_size": 500,
                  "source_options": {"image_size": 48, "max_objects": 3}},
         "tokenizer_vocab": 600,
         "align": {"train": {"steps": 150, "batch_size": 64, "lr": 2e-3, "warmup_steps": 20, "save_every": 100},
