@@ -28,11 +28,7 @@ def same_caption(caption_ids: torch.Tensor | None, offset: int) -> torch.Tensor 
     """Bool [B, B_global]: local pair i and global pair j have the same caption, i != j."""
     if caption_ids is None:
         return None
-    all_ids = caption_ids
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parts = [torch.empty_like(caption_ids) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, caption_ids)
-        all_ids = torch.cat(parts)
+    all_ids, _ = gather_with_grad(caption_ids)
     same = caption_ids[:, None] == all_ids[None, :]
     rows = torch.arange(len(caption_ids), device=same.device)
     same[rows, rows + offset] = False

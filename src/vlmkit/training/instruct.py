@@ -242,21 +242,16 @@ def _frozen_vision_tokens(model: VisionLanguageModel, data: ConversationSet, row
     uses stay zero), or None when that would not fit in `budget_bytes`.
     """
     needed = sorted({r for i in rows for r in data.conversations[i].images})
-    cfg = model.cfg.vision
-    per_image = (cfg.image_size // cfg.patch_size) ** 2 + model.vision_tower.prefix
-    if len(data.images) * per_image * cfg.width * 4 > budget_bytes:
-        return None
-    was_training = model.vision_tower.training
-    model.vision_tower.eval()
     cache = None
     for start in tqdm(range(0, len(needed), 256), desc="vision tokens", unit="batch", leave=False,
                       disable=not (progress and distributed.is_main())):
         chunk = torch.tensor(needed[start: start + 256], dtype=torch.long)
         tokens = model.vision_tokens(data.images.pixels(chunk).to(device)).float().cpu()
         if cache is None:
+            if len(data.images) * tokens[0].numel() * 4 > budget_bytes:
+                return None
             cache = torch.zeros(len(data.images), *tokens.shape[1:])
         cache[chunk] = tokens
-    model.vision_tower.train(was_training)
     return cache
 
 
