@@ -51,7 +51,8 @@ def _same_recipe(saved: dict, now: dict) -> bool:
     The saved config is read back first, so settings added since it was written compare as their defaults.
     """
     saved = ClipRunConfig.from_dict(saved, "saved run_config.json").to_dict()
-    return all(saved[k] == now[k] for k in ("data", "train")) and saved["model"]["vision"] == now["model"]["vision"]
+    return (all(saved[k] == now[k] for k in ("data", "train"))
+            and all(saved["model"][k] == now["model"][k] for k in ("vision", "vision_pool")))
 
 
 def _train(name: str, cfg, out: Path) -> tuple[dict, float]:

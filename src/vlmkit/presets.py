@@ -27,11 +27,14 @@ def _shapes() -> dict:
     return {
         "model": {
             # 48 px images in 16 px patches: one patch per cell of the world's 3x3 grid.
-            "vision": {"image_size": 48, "patch_size": 16, "width": 128, "depth": 4, "heads": 4, "mlp_dim": 512},
+            "vision": {"image_size": 48, "patch_size": 16, "width": 128, "depth": 4, "heads": 4, "mlp_dim": 512,
+                       "class_token": False},
             "text": {"vocab_size": 400, "width": 128, "depth": 2, "heads": 4, "mlp_dim": 512,
                      "max_positions": 64, "max_length": 40},
             "embed_dim": 128,
-            "vision_pool": "cls",
+            # Mean pooling trains every patch token to describe its own cell, which is what
+            # Stage 2 looks up; a class token's tower left Stage 2 picking the wrong object.
+            "vision_pool": "mean",
         },
         "data": {"source": "shapes", "train_size": 60000, "eval_size": 1000, "source_options": {"image_size": 48}},
         "train": {"steps": 800, "batch_size": 256, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.05,
@@ -169,8 +172,10 @@ def _vlm_shapes() -> dict:
         "tokenizer_vocab": 600,
         "align": {"train": {"steps": 150, "batch_size": 64, "lr": 2e-3, "warmup_steps": 20, "save_every": 100},
                   "language_model": "full", "tasks": ["caption"]},
-        "instruct": {"train": {"steps": 2400, "batch_size": 64, "lr": 1.5e-3, "warmup_steps": 50,
-                               "weight_decay": 0.05, "save_every": 400, "eval_every": 800}},
+        # The tower fine-tunes with the LM, at a fifth of its learning rate.
+        "instruct": {"train": {"steps": 3000, "batch_size": 64, "lr": 1.5e-3, "warmup_steps": 50,
+                               "weight_decay": 0.05, "save_every": 500, "eval_every": 1000},
+                     "vision": "full", "vision_lr": 3e-4},
     }
 
 
