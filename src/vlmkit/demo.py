@@ -20,7 +20,7 @@ from vlmkit.training.instruct import train_vlm
 
 SMOKE_STAGE1 = {"train.steps": 3, "data.train_size": 512, "data.eval_size": 100}
 SMOKE_STAGE2 = {"align.train.steps": 2, "instruct.train.steps": 3, "data.train_size": 60, "data.eval_size": 8}
-# The Stage 2 `shapes` preset as benchmarked takes about 25 minutes; the demo trims its data and
+# The Stage 2 `shapes` preset as benchmarked takes about 20 minutes; the demo trims its data and
 # steps, and keeps the tower frozen (its tokens are then computed once per image, not every
 # step), so that both stages fit in 20 minutes on a 2-core CPU.
 DEMO_STAGE2 = {"data.train_size": 10000, "instruct.train.steps": 1800, "instruct.vision": "frozen"}
