@@ -1,10 +1,8 @@
 import math
 
-import pytest
 import torch
-import torch.nn.functional as F
 
-from vlmkit.losses import answer_loss, answer_positions, infonce_loss, siglip_loss
+from vlmkit.losses import infonce_loss, siglip_loss
 
 
 def _pairs(n=6, e=8, seed=0):
@@ -83,16 +81,3 @@ def test_siglip_counts_identical_captions_as_matches():
             logit = scale * float(img[i] @ txt[j]) + bias
             total += math.log1p(math.exp(-z * float(logit)))
     assert abs(siglip_loss(img, txt, scale, bias, ids).item() - total / n) < 1e-4
-
-
-def test_answer_loss_averages_tokens_or_conversations():
-    # Row 0 answers with 4 tokens, row 1 with 1: token averaging weighs row 0 four times as much.
-    labels = torch.tensor([[-100, -100, 5, 6, 7, 8], [-100, -100, -100, -100, 3, -100]])
-    logits = torch.randn(2, 6, 10, generator=torch.Generator().manual_seed(0))
-    picked = logits[answer_positions(labels)]
-    long = F.cross_entropy(logits[0, 1:5], labels[0, 2:6], reduction="none")
-    short = F.cross_entropy(logits[1, 3:4], labels[1, 4:5], reduction="none")
-    assert torch.allclose(answer_loss(picked, labels), torch.cat([long, short]).mean())
-    assert torch.allclose(answer_loss(picked, labels, "sample"), (long.mean() + short.mean()) / 2)
-    with pytest.raises(ValueError, match="unknown loss average 'word'"):
-        answer_loss(picked, labels, "word")

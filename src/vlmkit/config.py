@@ -391,8 +391,6 @@ class PhaseConfig(Config):
     lora_rank: int = 8
     lora_alpha: float = 16.0
     tasks: list[str] | None = None          # question kinds to train on; None = all
-    # "sample": every conversation weighs the same in the loss, however long its answer
-    loss_average: Literal["token", "sample"] = "token"
     skip: bool = False
 
     def __post_init__(self) -> None:

@@ -72,25 +72,12 @@ def siglip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bi
     return -F.logsigmoid(signs * logits.float()).sum() / image.shape[0]
 
 
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor, average: str = "token") -> torch.Tensor:
-    """Cross-entropy over answer tokens: logits [n, V] already taken at `answer_positions(labels)`.
-
-    `average="token"` is the mean over every answer token in the batch; `"sample"` averages
-    each conversation's answer first, then the conversations, so a one-word answer weighs as
-    much as a 40-token caption (with token averaging, long answers take most of the loss).
-    """
-    answer = labels[:, 1:] != -100
-    targets = labels[:, 1:][answer]
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over answer tokens: logits [n, V] already taken at `answer_positions(labels)`."""
+    targets = labels[:, 1:][labels[:, 1:] != -100]
     if targets.numel() == 0:
         raise ValueError("the batch has no answer tokens to learn from (every label is -100)")
-    if average == "token":
-        return F.cross_entropy(logits.float(), targets)
-    if average != "sample":
-        raise ValueError(f"unknown loss average {average!r}; choose token or sample")
-    per_token = F.cross_entropy(logits.float(), targets, reduction="none")
-    counts = answer.sum(1)
-    rows = answer.nonzero()[:, 0]          # the conversation of each answer token, in `targets` order
-    return (per_token / counts[rows]).sum() / (counts > 0).sum()
+    return F.cross_entropy(logits.float(), targets)
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:

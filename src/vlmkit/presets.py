@@ -165,21 +165,17 @@ def _vlm_shapes() -> dict:
     """
     return {
         "model": {"vision": _SHAPES_VISION,
-                  # init_std 1/sqrt(width) instead of Llama's 0.02 (made for widths of 2048 and
-                  # up): at 0.02 a 192-wide LM's attention starts nearly uniform and learns
-                  # "find the token that is the red circle" very slowly.
                   "decoder": {"width": 192, "depth": 3, "heads": 4, "kv_heads": 2, "mlp_dim": 512,
-                              "max_positions": 128, "init_std": 0.072}},
+                              "max_positions": 128}},
         "data": {"source": "shapes", "train_size": 16000, "eval_size": 500,
                  "source_options": {"image_size": 48, "max_objects": 3}},
         "tokenizer_vocab": 600,
         "align": {"train": {"steps": 150, "batch_size": 64, "lr": 2e-3, "warmup_steps": 20, "save_every": 100},
                   "language_model": "full", "tasks": ["caption"]},
-        # The tower fine-tunes with the LM, at a fifth of its learning rate. Every conversation
-        # weighs the same in the loss: by tokens, captions and boxes would take three quarters.
+        # The tower fine-tunes with the LM, at a fifth of its learning rate.
         "instruct": {"train": {"steps": 3000, "batch_size": 64, "lr": 1.5e-3, "warmup_steps": 50,
                                "weight_decay": 0.05, "save_every": 500, "eval_every": 1000},
-                     "vision": "full", "vision_lr": 3e-4, "loss_average": "sample"},
+                     "vision": "full", "vision_lr": 3e-4},
     }
 
 

@@ -199,7 +199,7 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
             where = answer_positions(batch["labels"])
             logits = net(batch["ids"], pixels=batch.get("pixels"), vision_tokens=batch.get("vision_tokens"),
                          positions=batch["positions"], logits_at=where)
-            return answer_loss(logits, batch["labels"], phase.loss_average), {"answer_tokens": float(where.sum())}
+            return answer_loss(logits, batch["labels"]), {"answer_tokens": float(where.sum())}
 
         trainer = Trainer(model, phase.train, phase_dir, batch_fn, loss_fn, save_model, eval_fn, device,
                           groups=optimizer_groups(model, phase))
