@@ -8,10 +8,10 @@ its colour). This test keeps only that: no pixels, no ViT. A scene is 9 "image t
 per grid cell, each the sum of learned colour, shape and cell vectors (a ViT token carries
 those three things), followed by a question; the LM answers with one token.
 
-The decoder is the `shapes` Stage 2 preset's (width, depth, heads, learning rate, batch),
-trained from scratch once with Llama's init_std of 0.02 and once with 1/sqrt(width) (the
-image vectors start at the same scale as the embeddings). Scores
-are exact-match accuracy on 2,000 held-out scenes. Written to docs/RESULTS.md.
+The decoder is the `shapes` Stage 2 preset's (width, depth, heads; learning rate, batch and
+schedule as its trainer uses them), trained from scratch once with Llama's init_std of 0.02
+and once with 1/sqrt(width); the image vectors start at the same scale. Scores are
+exact-match accuracy on 2,000 held-out scenes. Written to docs/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from results import write_section  # noqa: E402
 
 from vlmkit.models.decoder import DecoderLM  # noqa: E402
 from vlmkit.presets import vlm_preset  # noqa: E402
+from vlmkit.training.trainer import lr_lambda, param_groups  # noqa: E402
 
 COLOURS, SHAPES, CELLS, OBJECTS = 6, 5, 9, 3
 KINDS = ("where is the C S? (cell)", "what colour is at P?", "what shape is the C one?", "is there a C S? (yes/no)")
@@ -103,19 +104,21 @@ def run(init_std: float, steps: int, test_size: int = 2000) -> tuple[list[float]
     tr = preset.instruct.train
     torch.manual_seed(0)
     model = LookupModel(preset.model.decoder, init_std)
-    opt = torch.optim.AdamW(model.parameters(), lr=tr.lr, betas=(0.9, tr.beta2), weight_decay=tr.weight_decay)
+    # The Stage 2 trainer's recipe: its parameter groups, schedule and gradient clipping.
+    tr = tr.replace(steps=steps)
+    opt = torch.optim.AdamW(param_groups(model, tr.weight_decay), lr=tr.lr, betas=(0.9, tr.beta2))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tr))
     rng = random.Random(0)
     test = [sample(random.Random(f"lookup-test/{i}"), model.vocab) for i in range(test_size)]
     started = time.perf_counter()
-    for step in range(1, steps + 1):
-        lr = tr.lr * min(1.0, step / tr.warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
+    for _ in range(steps):
         logits, answers, _ = model([sample(rng, model.vocab) for _ in range(tr.batch_size)])
         loss = F.cross_entropy(logits, answers)
         opt.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tr.clip_grad)
         opt.step()
+        schedule.step()
     with torch.no_grad():
         logits, answers, kinds = model(test)
     right = logits.argmax(-1) == answers

@@ -32,8 +32,8 @@ def _shapes() -> dict:
             "text": {"vocab_size": 400, "width": 128, "depth": 2, "heads": 4, "mlp_dim": 512,
                      "max_positions": 64, "max_length": 40},
             "embed_dim": 128,
-            # Mean pooling trains every patch token to describe its own cell, which is what
-            # Stage 2 looks up; a class token's tower left Stage 2 picking the wrong object.
+            # Mean pooling trains every patch token to describe its own cell, the tokens Stage 2
+            # reads; on a class-token tower Stage 2 read the wrong object's colour more often.
             "vision_pool": "mean",
         },
         "data": {"source": "shapes", "train_size": 60000, "eval_size": 1000, "source_options": {"image_size": 48}},
