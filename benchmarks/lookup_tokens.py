@@ -6,8 +6,8 @@
 symbolic image tokens. This test asks the same one-token questions about real `shapes`
 scenes (1-3 objects, as Stage 2 sees them) and gives the LM either
 - symbolic tokens: learned colour + shape + cell vectors per grid cell, or
-- the frozen Stage 1 tower's patch tokens (the layer Stage 2 reads) through an MLP projector,
-  one token per grid cell, or
+- the frozen Stage 1 tower's patch tokens through an MLP projector, one token per grid cell,
+  from the block Stage 2 reads (the last) and from an earlier one, or
 - the least-squares fit of those tokens from their own object's colour x shape and cell, which
   drops everything else they carry.
 The decoder is the `shapes` Stage 2 preset's, with init_std 1/sqrt(width) (lm_lookup's better
@@ -155,24 +155,31 @@ def main() -> None:
     parser.add_argument("--tower", default=str(ROOT / "runs/bench/shapes/model"),
                         help="a Stage 1 `shapes` model directory (benchmarks/stage1_quality.py --tasks shapes)")
     parser.add_argument("--steps", type=int, nargs="+", default=[600, 2000], help="budgets for the tower tokens")
+    parser.add_argument("--layers", type=int, nargs="+", default=[-1, -3],
+                        help="tower blocks to read (model.vision_layer; the first is the preset's and gets the fit row)")
     args = parser.parse_args()
     if not (Path(args.tower) / "config.json").exists():
         raise SystemExit(f"no Stage 1 model at {args.tower}; run benchmarks/stage1_quality.py --tasks shapes first")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     vlm = vlm_preset("shapes")
     tower = load_model(args.tower).vision
+    blocks = len(tower.blocks)
     data, fit = {}, None
     for split, n in (("train", 16000), ("test", 2000)):
         pixels, grids = scenes(split, n)
-        with torch.no_grad():   # the layer Stage 2 reads, patch tokens only
-            tokens = torch.cat([tower(p, layer=vlm.model.vision_layer)[:, tower.prefix:] for p in pixels.split(500)])
-        fitted, fit = attribute_fit(grids, tokens, fit)   # fit on the training scenes only
-        data[split] = {"grids": grids, "tower": tokens, "fit": fitted}
-    labels = {None: "symbolic tokens", "tower": "Stage 1 tower tokens",
-              "fit": "tower tokens' fit from own colour x shape and cell"}
+        data[split] = {"grids": grids}
+        with torch.no_grad():   # patch tokens only, as Stage 2 reads them
+            for layer in args.layers:
+                data[split][layer] = torch.cat([tower(p, layer=layer)[:, tower.prefix:] for p in pixels.split(500)])
+        data[split]["fit"], fit = attribute_fit(grids, data[split][args.layers[0]], fit)  # fit on training scenes
+    labels = {None: "symbolic tokens", "fit": f"block {range(blocks)[args.layers[0]] + 1} tokens' fit from own "
+                                             "colour x shape and cell"}
+    for layer in args.layers:
+        preset = " (vision_layer the preset reads)" if layer == vlm.model.vision_layer else ""
+        labels[layer] = f"Stage 1 tower tokens, block {range(blocks)[layer] + 1} of {blocks}{preset}"
     rows = []
     short = min(args.steps)
-    for tokens, steps in [(None, short), ("fit", short)] + [("tower", s) for s in args.steps]:
+    for tokens, steps in [(None, short), ("fit", short)] + [(layer, s) for layer in args.layers for s in args.steps]:
         per_kind, where_by_n, minutes = run(data, tokens, steps)
         label = labels[tokens]
         rows.append((f"{label}, {steps} steps x {vlm.instruct.train.batch_size}",
@@ -184,7 +191,7 @@ def main() -> None:
                   notes="Same held-out shapes scenes (2,000; 1-3 objects), same questions and decoder (the `shapes` "
                         f"Stage 2 preset's, init_std 1/sqrt(width)); only the image tokens differ. Tower: "
                         f"`{Path(args.tower).relative_to(ROOT) if Path(args.tower).is_relative_to(ROOT) else args.tower}`"
-                        ", frozen. The fit row replaces each tower token by its least-squares fit from its own "
+                        ", frozen; block k is `model.vision_layer` k - 1 (0-based). The fit row replaces each tower token by its least-squares fit from its own "
                         "object's colour x shape and its cell (fit on the training scenes): what is left out is size, "
                         "the place inside the cell, the other objects and anything non-linear. 'where' at 1/n with n "
                         "objects means the LM finds the objects but not the one asked about.")
