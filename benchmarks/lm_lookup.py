@@ -21,6 +21,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -99,26 +100,32 @@ class LookupModel(torch.nn.Module):
                 torch.tensor([k for _, _, _, k in batch]))
 
 
-def run(init_std: float, steps: int, test_size: int = 2000) -> tuple[list[float], float]:
-    preset = vlm_preset("shapes")
-    tr = preset.instruct.train
-    torch.manual_seed(0)
-    model = LookupModel(preset.model.decoder, init_std)
-    # The Stage 2 trainer's recipe: its parameter groups, schedule and gradient clipping.
-    tr = tr.replace(steps=steps)
+def optimizer_step(model: torch.nn.Module, tr) -> Callable[[torch.Tensor], None]:
+    """step(loss) as the Stage 2 trainer takes it: its parameter groups, AdamW, schedule and clipping."""
     opt = torch.optim.AdamW(param_groups(model, tr.weight_decay), lr=tr.lr, betas=(0.9, tr.beta2))
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tr))
-    rng = random.Random(0)
-    test = [sample(random.Random(f"lookup-test/{i}"), model.vocab) for i in range(test_size)]
-    started = time.perf_counter()
-    for _ in range(steps):
-        logits, answers, _ = model([sample(rng, model.vocab) for _ in range(tr.batch_size)])
-        loss = F.cross_entropy(logits, answers)
+
+    def step(loss: torch.Tensor) -> None:
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tr.clip_grad)
         opt.step()
         schedule.step()
+    return step
+
+
+def run(init_std: float, steps: int, test_size: int = 2000) -> tuple[list[float], float]:
+    preset = vlm_preset("shapes")
+    tr = preset.instruct.train.replace(steps=steps)
+    torch.manual_seed(0)
+    model = LookupModel(preset.model.decoder, init_std)
+    step = optimizer_step(model, tr)
+    rng = random.Random(0)
+    test = [sample(random.Random(f"lookup-test/{i}"), model.vocab) for i in range(test_size)]
+    started = time.perf_counter()
+    for _ in range(steps):
+        logits, answers, _ = model([sample(rng, model.vocab) for _ in range(tr.batch_size)])
+        step(F.cross_entropy(logits, answers))
     with torch.no_grad():
         logits, answers, kinds = model(test)
     right = logits.argmax(-1) == answers

@@ -26,14 +26,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lm_lookup import CELLS, COLOURS, KINDS, SHAPES, LookupModel  # noqa: E402
+from lm_lookup import CELLS, COLOURS, KINDS, SHAPES, LookupModel, optimizer_step  # noqa: E402
 from results import ROOT, write_section  # noqa: E402
 
 from vlmkit.checkpoint import load_model  # noqa: E402
 from vlmkit.data.images import ImageTransform  # noqa: E402
 from vlmkit.data.sources import shapes as world  # noqa: E402
 from vlmkit.presets import vlm_preset  # noqa: E402
-from vlmkit.training.trainer import lr_lambda, param_groups  # noqa: E402
 
 EMPTY = (COLOURS, SHAPES)
 
@@ -123,8 +122,7 @@ def run(data: dict, tokens: str | None, steps: int) -> tuple[list[float], list[f
     decoder, tr = preset.model.decoder, preset.instruct.train.replace(steps=steps)
     torch.manual_seed(0)
     model = TokenLookup(decoder, decoder.width ** -0.5, data["train"][tokens].shape[-1] if tokens else None)
-    opt = torch.optim.AdamW(param_groups(model, tr.weight_decay), lr=tr.lr, betas=(0.9, tr.beta2))
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tr))
+    step = optimizer_step(model, tr)
     rng = random.Random(0)
     train_grids, train_tokens = data["train"]["grids"], data["train"].get(tokens)
     test_grids, test_tokens = data["test"]["grids"], data["test"].get(tokens)
@@ -134,12 +132,7 @@ def run(data: dict, tokens: str | None, steps: int) -> tuple[list[float], list[f
         idx = torch.randint(len(train_grids), (tr.batch_size,))
         questions = [ask(rng, model.vocab, train_grids[i].tolist()) for i in idx.tolist()]
         logits = model.answer_logits(train_grids[idx], None if train_tokens is None else train_tokens[idx], questions)
-        loss = F.cross_entropy(logits, torch.tensor([a for _, a, _ in questions]))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tr.clip_grad)
-        opt.step()
-        schedule.step()
+        step(F.cross_entropy(logits, torch.tensor([a for _, a, _ in questions])))
     with torch.no_grad():
         logits = model.answer_logits(test_grids, test_tokens, test)
     right = logits.argmax(-1) == torch.tensor([a for _, a, _ in test])
