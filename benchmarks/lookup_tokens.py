@@ -116,8 +116,8 @@ def attribute_fit(grids: torch.Tensor, tokens: torch.Tensor, fit: torch.Tensor |
     return a @ fit, fit
 
 
-def run(data: dict, tokens: str | None, steps: int) -> tuple[list[float], list[float], float]:
-    """Accuracy per kind, "where" accuracy for 1/2/3 objects, minutes. `tokens`: None (symbolic) or a key of data."""
+def run(data: dict, tokens: str | int | None, steps: int) -> tuple[list[float], list[float], float]:
+    """Accuracy per kind, "where" accuracy for 1/2/3 objects, minutes. `tokens`: None (symbolic), "fit" or a tower block."""
     preset = vlm_preset("shapes")
     decoder, tr = preset.model.decoder, preset.instruct.train.replace(steps=steps)
     torch.manual_seed(0)

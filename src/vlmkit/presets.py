@@ -32,8 +32,9 @@ def _shapes() -> dict:
             "text": {"vocab_size": 400, "width": 128, "depth": 2, "heads": 4, "mlp_dim": 512,
                      "max_positions": 64, "max_length": 40},
             "embed_dim": 128,
-            # Mean pooling trains every patch token to describe its own cell, the tokens Stage 2
-            # reads; on a class-token tower Stage 2 read the wrong object's colour more often.
+            # Mean pooling puts the contrastive loss on every patch token, the tokens Stage 2 reads
+            # (they still carry the other objects too: lookup_tokens.py); on a class-token tower
+            # Stage 2 read the wrong object's colour more often.
             "vision_pool": "mean",
         },
         "data": {"source": "shapes", "train_size": 60000, "eval_size": 1000, "source_options": {"image_size": 48}},
