@@ -117,7 +117,10 @@ def attribute_fit(grids: torch.Tensor, tokens: torch.Tensor, fit: torch.Tensor |
 
 
 def run(data: dict, tokens: str | int | None, steps: int) -> tuple[list[float], list[float], float]:
-    """Accuracy per kind, "where" accuracy for 1/2/3 objects, minutes. `tokens`: None (symbolic), "fit" or a tower block."""
+    """Accuracy per kind, "where" accuracy for 1/2/3 objects, minutes.
+
+    `tokens`: None (symbolic), "fit" or a tower block (a key of `data`).
+    """
     preset = vlm_preset("shapes")
     decoder, tr = preset.model.decoder, preset.instruct.train.replace(steps=steps)
     torch.manual_seed(0)
@@ -149,7 +152,7 @@ def main() -> None:
                         help="a Stage 1 `shapes` model directory (benchmarks/stage1_quality.py --tasks shapes)")
     parser.add_argument("--steps", type=int, nargs="+", default=[600, 2000], help="budgets for the tower tokens")
     parser.add_argument("--layers", type=int, nargs="+", default=[-1, -3],
-                        help="tower blocks to read (model.vision_layer; the first is the preset's and gets the fit row)")
+                        help="tower blocks to read, as model.vision_layer; the first also gets the fit row")
     args = parser.parse_args()
     if not (Path(args.tower) / "config.json").exists():
         raise SystemExit(f"no Stage 1 model at {args.tower}; run benchmarks/stage1_quality.py --tasks shapes first")
@@ -180,14 +183,15 @@ def main() -> None:
                      + "; where with 1 / 2 / 3 objects " + " / ".join(f"{a:.3f}" for a in where_by_n)
                      + f"; {minutes:.1f} min"))
         print(rows[-1], flush=True)
+    tower_name = Path(args.tower).relative_to(ROOT) if Path(args.tower).is_relative_to(ROOT) else args.tower
     write_section("lookup-tokens", "Stage 2 diagnostics: lookups in real tower tokens vs symbolic ones", rows,
                   notes="Same held-out shapes scenes (2,000; 1-3 objects), same questions and decoder (the `shapes` "
-                        f"Stage 2 preset's, init_std 1/sqrt(width)); only the image tokens differ. Tower: "
-                        f"`{Path(args.tower).relative_to(ROOT) if Path(args.tower).is_relative_to(ROOT) else args.tower}`"
-                        ", frozen; block k is `model.vision_layer` k - 1 (0-based). The fit row replaces each tower token by its least-squares fit from its own "
-                        "object's colour x shape and its cell (fit on the training scenes): what is left out is size, "
-                        "the place inside the cell, the other objects and anything non-linear. 'where' at 1/n with n "
-                        "objects means the LM finds the objects but not the one asked about.")
+                        "Stage 2 preset's, init_std 1/sqrt(width)); only the image tokens differ. "
+                        f"Tower: `{tower_name}`, frozen; block k is `model.vision_layer` k - 1 (0-based). The fit "
+                        "row replaces each tower token by its least-squares fit from its own object's colour x shape "
+                        "and its cell (fit on the training scenes): what is left out is size, the place inside the "
+                        "cell, the other objects and anything non-linear. 'where' at 1/n with n objects means "
+                        "the LM finds the objects but not the one asked about.")
 
 
 if __name__ == "__main__":
