@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import random
 import re
 import struct
 from pathlib import Path
@@ -98,6 +99,35 @@ def test_scene_round_trip_and_render_scaling():
     scene = Shapes(size=5).scene(3)
     assert sh.Scene.from_dict(scene.to_dict()) == scene
     assert sh.render(scene, 128).size == (128, 128)
+
+
+def test_hard_negative_is_one_edit_away():
+    src = Shapes("train", 400, image_size=48, max_objects=3)
+    edits = set()
+    for i in range(len(src)):
+        scene = src.scene(i)
+        wrong = sh.hard_negative(scene, random.Random(i))
+        assert sh.caption(wrong) != sh.caption(scene) and len(wrong.objects) == len(scene.objects)
+        assert all((o.colour, o.shape) not in sh.HELDOUT_COMBOS for o in wrong.objects)
+        before = {(o.cell, o.size, o.colour, o.shape) for o in scene.objects}
+        after = {(o.cell, o.size, o.colour, o.shape) for o in wrong.objects}
+        gone, made = sorted(before - after), sorted(after - before)
+        if len(gone) == 2:  # two objects traded colours
+            assert [(c, s, sh_) for c, s, _, sh_ in gone] == [(c, s, sh_) for c, s, _, sh_ in made]
+            assert gone[0][2] == made[1][2] and gone[1][2] == made[0][2]
+            edits.add("swap")
+        else:
+            assert len(gone) == len(made) == 1
+            differ = [name for name, a, b in zip(("cell", "size", "colour", "shape"), gone[0], made[0]) if a != b]
+            assert len(differ) == 1
+            edits.add(differ[0])
+    assert edits == {"cell", "size", "colour", "shape", "swap"}
+    assert src.hard_negative_caption(7) == src.hard_negative_caption(7) != sh.caption(src.scene(7))
+
+
+def test_sources_without_hard_negatives_say_so():
+    with pytest.raises(NotImplementedError, match="cannot make hard-negative captions"):
+        Digits("train").hard_negative_caption(0)
 
 
 # --- fashion-mnist ---------------------------------------------------------------------------

@@ -81,3 +81,22 @@ def test_siglip_counts_identical_captions_as_matches():
             logit = scale * float(img[i] @ txt[j]) + bias
             total += math.log1p(math.exp(-z * float(logit)))
     assert abs(siglip_loss(img, txt, scale, bias, ids).item() - total / n) < 1e-4
+
+
+def test_hard_negatives_join_the_image_to_text_side_only():
+    img, txt = _pairs(n=5, seed=4)
+    neg = torch.nn.functional.normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(5)), dim=-1)
+    scale, bias = torch.tensor(7.0), torch.tensor(-4.0)
+    n = len(img)
+    nce, sig = 0.0, 0.0
+    for i in range(n):  # image i must pick caption i among all captions and all hard negatives
+        row = [math.exp(scale * float(img[i] @ t)) for t in [*txt, *neg]]
+        col = [math.exp(scale * float(txt[i] @ img[j])) for j in range(n)]
+        nce += -math.log(row[i] / sum(row)) - math.log(col[i] / sum(col))
+        for j, t in enumerate([*txt, *neg]):
+            z = 1.0 if j == i else -1.0
+            sig += math.log1p(math.exp(-z * float(scale * float(img[i] @ t) + bias)))
+    assert abs(infonce_loss(img, txt, scale, negatives=neg).item() - nce / (2 * n)) < 1e-5
+    assert abs(siglip_loss(img, txt, scale, bias, negatives=neg).item() - sig / n) < 1e-4
+    # A hard negative identical to the true caption makes the image->text choice a coin toss.
+    assert infonce_loss(img, txt, scale, negatives=txt) > infonce_loss(img, txt, scale)

@@ -56,7 +56,8 @@ def test_saved_model_gives_the_same_outputs(tmp_path):
         torch.testing.assert_close(model(pixels, ids)[:2], again(pixels, ids)[:2], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("options", [{}, {"train.augment": "dihedral", "train.dedupe_captions": True}],
+@pytest.mark.parametrize("options", [{}, {"train.augment": "dihedral", "train.dedupe_captions": True,
+                                       "train.hard_negatives": True}],
                          ids=["plain", "augmented"])
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch, options):
     cfg = preset("tiny").override({"train.steps": 16, "train.save_every": 100, "data.train_size": 512,

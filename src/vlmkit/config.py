@@ -284,6 +284,11 @@ class TrainConfig(Config):
     # Stage 1 only: other pairs with the very same caption are not negatives (InfoNCE) or
     # count as matches (SigLIP). For data with few distinct captions.
     dedupe_captions: bool = False
+    # Stage 1 only: each image is also contrasted with a caption one edit away from its own
+    # (another shape, colour or place for one object; NegCLIP's hard negatives). Without them
+    # in-batch negatives are told apart by colour and place alone, and shape is coded weakly.
+    # Needs a source that can make them (`shapes`).
+    hard_negatives: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "save_every", "keep_checkpoints"):

@@ -3,6 +3,9 @@
 Under torchrun the embeddings of every rank are gathered (with gradients flowing back to
 the local shard), so each image is contrasted with the captions of the global batch.
 
+Both losses take optional `negatives`: one extra caption per pair that is wrong for every
+image (a hard negative, NegCLIP-style), added to the image->text side only.
+
 Both losses take optional `caption_ids` (one integer per pair, equal for identical
 captions). Data with few distinct captions (Easy-VQA has 24) puts many copies of a caption
 in one batch; without the ids those copies are pushed apart as if they were mismatches.
@@ -36,11 +39,12 @@ def same_caption(caption_ids: torch.Tensor | None, offset: int) -> torch.Tensor 
 
 
 def infonce_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
-                 caption_ids: torch.Tensor | None = None) -> torch.Tensor:
+                 caption_ids: torch.Tensor | None = None, negatives: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric cross-entropy over image->text rows and text->image columns.
 
     image, text: [B, E], L2-normalised; row i of each is a matching pair. With
     `caption_ids`, other pairs that share the caption are left out of the negatives.
+    `negatives` [B, E] are extra captions each image's row is contrasted with.
     """
     all_text, offset = gather_with_grad(text)
     all_image, _ = gather_with_grad(image)
@@ -51,11 +55,13 @@ def infonce_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
     if same is not None:
         logits_i2t = logits_i2t.masked_fill(same, float("-inf"))
         logits_t2i = logits_t2i.masked_fill(same, float("-inf"))
+    if negatives is not None:
+        logits_i2t = torch.cat([logits_i2t, (scale * image @ gather_with_grad(negatives)[0].T).float()], dim=1)
     return (F.cross_entropy(logits_i2t, targets) + F.cross_entropy(logits_t2i, targets)) / 2
 
 
 def siglip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                caption_ids: torch.Tensor | None = None) -> torch.Tensor:
+                caption_ids: torch.Tensor | None = None, negatives: torch.Tensor | None = None) -> torch.Tensor:
     """Each (image, caption) pair is an independent binary problem: match or not.
 
     Normalised by the number of images, as in the SigLIP paper. With `caption_ids`, an
@@ -69,7 +75,10 @@ def siglip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bi
     same = same_caption(caption_ids, offset)
     if same is not None:
         signs = signs.masked_fill(same, 1.0)
-    return -F.logsigmoid(signs * logits.float()).sum() / image.shape[0]
+    loss = -F.logsigmoid(signs * logits.float()).sum()
+    if negatives is not None:
+        loss = loss - F.logsigmoid(-(scale * image @ gather_with_grad(negatives)[0].T + bias).float()).sum()
+    return loss / image.shape[0]
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

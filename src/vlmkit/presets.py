@@ -38,8 +38,10 @@ def _shapes() -> dict:
             "vision_pool": "mean",
         },
         "data": {"source": "shapes", "train_size": 60000, "eval_size": 1000, "source_options": {"image_size": 48}},
+        # Hard negatives (each caption with one shape, colour, size or place wrong) make the
+        # tower tell shapes apart, not only colours and places; Stage 2 answers better for it.
         "train": {"steps": 800, "batch_size": 256, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.05,
-                  "save_every": 200, "eval_every": 400},
+                  "save_every": 200, "eval_every": 400, "hard_negatives": True},
     }
 
 

@@ -109,6 +109,12 @@ def train_clip(cfg: ClipRunConfig, out_dir: str | Path, resume: bool = True) -> 
 
     ids, mask = tokenizer.encode(train.captions, max_length=model_cfg.text.max_length)
     text_cache = _locked_text_features(model, ids, mask, device) if cfg.train.lock_text else None
+    neg_ids = neg_mask = neg_cache = None
+    if cfg.train.hard_negatives:
+        rows = train.rows.tolist() if train.rows is not None else range(len(train))
+        negatives = [train_source.hard_negative_caption(int(r)) for r in rows]
+        neg_ids, neg_mask = tokenizer.encode(negatives, max_length=model_cfg.text.max_length)
+        neg_cache = _locked_text_features(model, neg_ids, neg_mask, device) if cfg.train.lock_text else None
     plan = BatchPlan(len(train), cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed)
     augment = AUGMENTATIONS.get(cfg.train.augment)
     caption_ids = _caption_ids(train.captions) if cfg.train.dedupe_captions else None
@@ -125,9 +131,14 @@ def train_clip(cfg: ClipRunConfig, out_dir: str | Path, resume: bool = True) -> 
             batch["caption_ids"] = caption_ids[rows].to(device)
         if text_cache is not None:
             batch["text_pooled"] = text_cache[rows].to(device)
+            if neg_cache is not None:
+                batch["text_pooled"] = torch.cat([batch["text_pooled"], neg_cache[rows].to(device)])
         else:
-            width = int(mask[rows].sum(1).max())  # trim padding to the longest caption in the batch
-            batch["ids"], batch["mask"] = ids[rows, :width].to(device), mask[rows, :width].to(device)
+            # Hard negatives go through the text tower in the same forward call as the captions.
+            b_ids, b_mask = (ids[rows], mask[rows]) if neg_ids is None else (
+                torch.cat([ids[rows], neg_ids[rows]]), torch.cat([mask[rows], neg_mask[rows]]))
+            width = int(b_mask.sum(1).max())  # trim padding to the longest caption in the batch
+            batch["ids"], batch["mask"] = b_ids[:, :width].to(device), b_mask[:, :width].to(device)
         return batch
 
     def loss_fn(net, batch):
@@ -135,10 +146,11 @@ def train_clip(cfg: ClipRunConfig, out_dir: str | Path, resume: bool = True) -> 
                                        text_pooled=batch.get("text_pooled"))
         scale = scale.float()
         ids = batch.get("caption_ids")
+        text, negatives = text[: len(image)], (text[len(image):] if cfg.train.hard_negatives else None)
         if model_cfg.loss == "siglip":
-            loss = siglip_loss(image, text, scale, bias, ids)
+            loss = siglip_loss(image, text, scale, bias, ids, negatives)
         else:
-            loss = infonce_loss(image, text, scale, ids)
+            loss = infonce_loss(image, text, scale, ids, negatives)
         return loss, {"logit_scale": scale.item()}
 
     zero_shot = zero_shot_sets(eval_source, eval_data, transform, cfg.data.eval_size, cfg.data.source_options,

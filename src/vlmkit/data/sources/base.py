@@ -36,6 +36,11 @@ class Source:
     def __getitem__(self, index: int) -> Example:
         raise NotImplementedError
 
+    def hard_negative_caption(self, index: int) -> str:
+        """Example `index`'s caption with one detail wrong, for `train.hard_negatives`."""
+        raise NotImplementedError(f"the {self.name!r} source cannot make hard-negative captions "
+                                  "(train.hard_negatives needs one that can, such as 'shapes')")
+
 
 class LabelledArrays(Source):
     """A source held as uint8 arrays with class labels and one caption template per example.

@@ -8,7 +8,7 @@ per "heldout" scene, for compositional zero-shot tests.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from PIL import Image, ImageDraw
@@ -99,6 +99,43 @@ def caption(scene: Scene) -> str:
     return " and ".join(parts) + "."
 
 
+def hard_negative(scene: Scene, rng: random.Random) -> Scene:
+    """`scene` with one edit, so its caption is wrong in one detail: a contrastive hard negative.
+
+    The edit changes one object's shape, colour or size, moves it to an empty cell, or swaps
+    two objects' colours (same words, other binding). Held-out colour-shape pairs are never
+    made, so they stay unseen by the text tower too.
+    """
+    objs = list(scene.objects)
+    i = rng.randrange(len(objs))
+    o = objs[i]
+    edits = ["shape", "colour", "size"] + (["move"] if len(objs) < 9 else [])
+    if len({p.colour for p in objs}) > 1:
+        edits.append("swap")
+    edit = rng.choice(edits)
+    if edit == "shape":
+        new = [replace(o, shape=s) for s in SHAPES if s != o.shape and (o.colour, s) in _SEEN_COMBOS]
+    elif edit == "colour":
+        new = [replace(o, colour=c) for c in COLOURS if c != o.colour and (c, o.shape) in _SEEN_COMBOS]
+    elif edit == "size":
+        new = [replace(o, size=next(s for s in SIZES if s != o.size))]
+    elif edit == "move":  # the caption names only the cell, so the box moves with it
+        free = [c for c in range(9) if c not in {p.cell for p in objs}]
+        cell = rng.choice(free)
+        (ox, oy, _, _), (nx, ny, _, _) = cell_bounds(o.cell, scene.image_size), cell_bounds(cell, scene.image_size)
+        x0, y0, x1, y1 = o.box
+        new = [replace(o, cell=cell, box=(x0 - ox + nx, y0 - oy + ny, x1 - ox + nx, y1 - oy + ny))]
+    else:
+        j = rng.choice([j for j, p in enumerate(objs) if p.colour != o.colour])
+        if (o.colour, objs[j].shape) in _SEEN_COMBOS and (objs[j].colour, o.shape) in _SEEN_COMBOS:
+            objs[j] = replace(objs[j], colour=o.colour)
+            new = [replace(o, colour=scene.objects[j].colour)]
+        else:  # the swap would make a held-out pair: change the colour alone instead
+            new = [replace(o, colour=c) for c in COLOURS if c != o.colour and (c, o.shape) in _SEEN_COMBOS]
+    objs[i] = rng.choice(new)
+    return replace(scene, objects=tuple(sorted(objs, key=lambda p: p.cell)))
+
+
 def render(scene: Scene, image_size: int | None = None) -> Image.Image:
     """Draw `scene`; a different `image_size` scales it (boxes in the scene stay as they are)."""
     size = image_size or scene.image_size
@@ -159,6 +196,11 @@ class Shapes(Source):
         rng = random.Random(f"shapes/{self.seed}/{self.split}/{index}")
         return sample_scene(rng, self.image_size, self.min_objects, self.max_objects,
                             heldout=self.split == "heldout")
+
+    def hard_negative_caption(self, index: int) -> str:
+        """The caption of example `index` with one detail wrong (see `hard_negative`); deterministic."""
+        rng = random.Random(f"shapes-negative/{self.seed}/{self.split}/{index % max(self.size, 1)}")
+        return caption(hard_negative(self.scene(index), rng))
 
     def __getitem__(self, index: int) -> Example:
         scene = self.scene(index)
