@@ -103,10 +103,12 @@ def test_imported_llava_matches_transformers(tmp_path, tokenizer, vision, text, 
     assert mine == theirs.tolist()
 
 
-def _vlmkit_vlm(tmp_path, tokenizer, vision: dict, select: str = "patch", layer: int = -1):
+def _vlmkit_vlm(tmp_path, tokenizer, vision: dict, select: str = "patch", layer: int = -1,
+                projector: dict | None = None):
     torch.manual_seed(1)
     cfg = VLMConfig.from_dict({
         "vision": {"image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "heads": 4, "mlp_dim": 64, **vision},
+        "projector": projector or {},
         "decoder": {"vocab_size": tokenizer.vocab_size, "width": 48, "depth": 2, "heads": 6, "kv_heads": 2,
                     "mlp_dim": 96, "max_positions": 128, "tie_embeddings": True},
         "vision_select": select, "vision_layer": layer, "image_token_id": tokenizer.image_id,
@@ -160,6 +162,12 @@ def test_round_trip_gives_identical_tensors(tmp_path, tokenizer):
         expected = load_model(ours).cfg.to_dict()
         expected["projector"]["hidden"] = expected["decoder"]["width"]  # None means "the LM width"; HF spells it out
         assert load_model(tmp_path / "back").cfg.to_dict() == expected
+
+
+def test_export_refuses_what_llava_cannot_hold(tmp_path, tokenizer):
+    ours = _vlmkit_vlm(tmp_path, tokenizer, {}, projector={"position_embedding": True})
+    with pytest.raises(ConversionError, match="position_embedding has no LLaVA equivalent"):
+        convert(ours, tmp_path / "hf")
 
 
 def test_bad_llava_directories_are_named_errors(tmp_path, tokenizer):

@@ -154,6 +154,19 @@ def test_projectors_give_the_configured_token_count(tokenizer, projector, tokens
     assert model.image_features(torch.randn(2, 3, 32, 32)).shape == (2, tokens, 48)
 
 
+def test_position_embedding_tells_the_slots_apart(tokenizer):
+    plain, marked = tiny_vlm(tokenizer), tiny_vlm(tokenizer, {"kind": "mlp", "position_embedding": True})
+    marked.multi_modal_projector.calibrate(torch.randn(4, 16, 32))
+    same = torch.randn(1, 1, 32).expand(2, 16, 32)  # one patch token in every slot of two images
+    assert torch.allclose(plain.multi_modal_projector(same)[0, 0], plain.multi_modal_projector(same)[0, 5])
+    out = marked.multi_modal_projector(same)
+    assert not torch.allclose(out[0, 0], out[0, 5], atol=1e-3)  # each slot adds its own vector
+    torch.testing.assert_close(out[0], out[1])                # the same one in every image
+    # Calibration starts the slot vectors at the size of the image content they are added to.
+    content = (out - marked.multi_modal_projector.position).std()
+    assert 0.5 < marked.multi_modal_projector.position.std() / content < 2
+
+
 def test_pixel_shuffle_groups_neighbouring_patches():
     x = torch.arange(16).float().view(1, 16, 1)            # a 4x4 grid, values = patch index
     y = pixel_shuffle(x, 2)

@@ -347,6 +347,9 @@ class ProjectorConfig(Config):
     shuffle_factor: int = 2         # pixel_shuffle: merge factor x factor patches into one token
     queries: int = 64               # resampler: number of learned queries (= image tokens)
     heads: int = 8                  # resampler: cross-attention heads
+    # A learned vector per image-token slot, added to the projector's output: the LM can then
+    # tell which patch a token came from by what it holds, not only by where it sits.
+    position_embedding: bool = False
 
     def __post_init__(self) -> None:
         _require(self.shuffle_factor >= 1 and self.queries >= 1 and self.heads >= 1,

@@ -65,9 +65,10 @@ class Resampler(nn.Module):
 
 
 class Projector(nn.Module):
-    """The projector named by `cfg.kind`; see the module docstring."""
+    """The projector named by `cfg.kind` (see the module docstring), optionally with a learned
+    position embedding per output token (`cfg.position_embedding`; `tokens` of them)."""
 
-    def __init__(self, cfg: ProjectorConfig, vision_width: int, lm_width: int):
+    def __init__(self, cfg: ProjectorConfig, vision_width: int, lm_width: int, tokens: int | None = None):
         super().__init__()
         self.kind, self.factor = cfg.kind, cfg.shuffle_factor
         hidden = cfg.hidden or lm_width
@@ -79,11 +80,17 @@ class Projector(nn.Module):
             self.net = Resampler(vision_width, lm_width, hidden, cfg.queries, cfg.heads)
         else:
             raise ValueError(f"unknown projector kind {cfg.kind!r}; choose mlp, pixel_shuffle or resampler")
+        self.position = None
+        if cfg.position_embedding:
+            if tokens is None:
+                raise ValueError("projector.position_embedding needs the number of image tokens")
+            self.position = nn.Parameter(torch.randn(tokens, lm_width) * 0.02)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         if self.kind == "pixel_shuffle":
             patches = pixel_shuffle(patches, self.factor)
-        return self.net(patches)
+        out = self.net(patches)
+        return out if self.position is None else out + self.position.to(out.dtype)
 
     @torch.no_grad()
     def calibrate(self, patches: torch.Tensor) -> None:
@@ -98,11 +105,14 @@ class Projector(nn.Module):
         if self.kind == "pixel_shuffle":
             patches = pixel_shuffle(patches, self.factor)
         first = self.net.fc1 if self.kind != "resampler" else None
-        if first is None:
-            return  # the resampler normalises its inputs with LayerNorm already
-        x = patches.reshape(-1, patches.shape[-1]).float()
-        mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
-        # fc1(x) = W x + b  ->  W ((x - mean) / std) + b  =  (W / std) x + (b - W (mean / std))
-        w = first.weight / std
-        first.bias.copy_(first.bias - w @ mean)
-        first.weight.copy_(w)
+        if first is not None:  # the resampler normalises its inputs with LayerNorm already
+            x = patches.reshape(-1, patches.shape[-1]).float()
+            mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+            # fc1(x) = W x + b  ->  W ((x - mean) / std) + b  =  (W / std) x + (b - W (mean / std))
+            w = first.weight / std
+            first.bias.copy_(first.bias - w @ mean)
+            first.weight.copy_(w)
+        if self.position is not None:
+            # Slot vectors start as large as what the image puts in a token, so they are not drowned.
+            spread = self.net(patches).float().std()
+            self.position.copy_(torch.randn_like(self.position) * spread)

@@ -24,7 +24,7 @@ class VisionLanguageModel(nn.Module):
         self.cfg = cfg
         self.image_token_id = cfg.image_token_id
         self.vision_tower = VisionTransformer(cfg.vision)
-        self.multi_modal_projector = Projector(cfg.projector, cfg.vision.width, cfg.decoder.width)
+        self.multi_modal_projector = Projector(cfg.projector, cfg.vision.width, cfg.decoder.width, cfg.image_tokens)
         self.language_model = DecoderLM(cfg.decoder)
 
     def vision_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
