@@ -167,7 +167,8 @@ def _vlm_shapes() -> dict:
     so the align phase trains it on captions together with the projector.
     """
     return {
-        # Three choices that each scored higher in 1,600-step trials on the shapes questions:
+        # Three choices that together scored higher in 1,600-step trials on the shapes questions
+        # (the first two helped only together):
         # - the tower's second block (vision_layer -3): its tokens hold their own cell's object
         #   more than the other objects (lookup_tokens.py), and two blocks less to run;
         # - init_std 1/sqrt(width), not Llama's 0.02: a from-scratch LM learns lookups sooner
