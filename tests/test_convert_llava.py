@@ -104,9 +104,10 @@ def test_imported_llava_matches_transformers(tmp_path, tokenizer, vision, text, 
 
 
 def _vlmkit_vlm(tmp_path, tokenizer, vision: dict, select: str = "patch", layer: int = -1,
-                projector: dict | None = None):
+                projector: dict | None = None, image_positions: str = "sequential"):
     torch.manual_seed(1)
     cfg = VLMConfig.from_dict({
+        "image_positions": image_positions,
         "vision": {"image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "heads": 4, "mlp_dim": 64, **vision},
         "projector": projector or {},
         "decoder": {"vocab_size": tokenizer.vocab_size, "width": 48, "depth": 2, "heads": 6, "kv_heads": 2,
@@ -167,6 +168,9 @@ def test_round_trip_gives_identical_tensors(tmp_path, tokenizer):
 def test_export_refuses_what_llava_cannot_hold(tmp_path, tokenizer):
     ours = _vlmkit_vlm(tmp_path, tokenizer, {}, projector={"position_embedding": True})
     with pytest.raises(ConversionError, match="position_embedding has no LLaVA equivalent"):
+        convert(ours, tmp_path / "hf")
+    ours = _vlmkit_vlm(tmp_path, tokenizer, {}, image_positions="shared")
+    with pytest.raises(ConversionError, match="image_positions 'shared' has no LLaVA equivalent"):
         convert(ours, tmp_path / "hf")
 
 

@@ -26,9 +26,11 @@ def tokenizer() -> LMTokenizer:
     return LMTokenizer.train(CORPUS, vocab_size=300, min_frequency=1)
 
 
-def tiny_vlm(tokenizer: LMTokenizer, projector: dict | None = None, seed: int = 0) -> VisionLanguageModel:
+def tiny_vlm(tokenizer: LMTokenizer, projector: dict | None = None, seed: int = 0,
+             image_positions: str = "sequential") -> VisionLanguageModel:
     torch.manual_seed(seed)
     cfg = VLMConfig.from_dict({
+        "image_positions": image_positions,
         "vision": {"image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "heads": 4, "mlp_dim": 64},
         "projector": projector or {"kind": "mlp"},
         "decoder": {"vocab_size": tokenizer.vocab_size, "width": 48, "depth": 2, "heads": 6, "kv_heads": 2,
@@ -183,8 +185,25 @@ def _prompts(tokenizer, K):
             for t in texts]
 
 
-def test_batched_generation_equals_one_at_a_time(tokenizer):
-    model = tiny_vlm(tokenizer, seed=3)
+def test_shared_image_positions(tokenizer):
+    model = tiny_vlm(tokenizer, image_positions="shared")
+    K, I = model.cfg.image_tokens, tokenizer.image_id
+    ids = torch.tensor([[5, 6] + [I] * K + [7] + [I] * K + [I] * K + [8, 9]])   # the last two images touch
+    got = model.shared_image_positions(ids, None, None)[0].tolist()
+    first, second, third = 2, 3 + K, 3 + 2 * K
+    assert got == [0, 1] + [first] * K + [2 + K] + [second] * K + [third] * K + [3 + 3 * K, 4 + 3 * K]
+    # Greedy decoding through the KV cache picks what a full forward pass over the whole text picks.
+    prompt = _prompts(tokenizer, K)[0]
+    pixels = torch.randn(1, 3, 32, 32)
+    out = Engine(model, tokenizer.pad_id).generate([prompt], [pixels], SamplingParams(max_new_tokens=6))[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + out]), pixels=pixels)[0]
+    assert logits[len(prompt) - 1:-1].argmax(-1).tolist() == out
+
+
+@pytest.mark.parametrize("image_positions", ["sequential", "shared"])
+def test_batched_generation_equals_one_at_a_time(tokenizer, image_positions):
+    model = tiny_vlm(tokenizer, seed=3, image_positions=image_positions)
     engine = Engine(model, tokenizer.pad_id)
     prompts = _prompts(tokenizer, model.cfg.image_tokens)
     prompts[1] = prompts[1][:-3] + prompts[1][-3:]

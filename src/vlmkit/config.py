@@ -367,6 +367,10 @@ class VLMConfig(Config):
     vision_select: Literal["patch", "all"] = "patch"   # "patch" drops the class token (LLaVA's "default")
     image_token: str = "<image>"
     image_token_id: int = -1                           # set from the tokenizer when the model is built
+    # "shared": all tokens of one image take the rotary position of its first token (text keeps
+    # counting as usual), so the LM cannot tell them apart by position, only by content (use with
+    # projector.position_embedding). "sequential": LLaVA's layout, one position per token.
+    image_positions: Literal["sequential", "shared"] = "sequential"
 
     def __post_init__(self) -> None:
         _require(-self.vision.depth <= self.vision_layer < self.vision.depth,

@@ -236,6 +236,9 @@ def save_hf_llava(source, out: str | Path) -> Path:
     if cfg.projector.kind != "mlp" or (cfg.projector.hidden or cfg.decoder.width) != cfg.decoder.width:
         raise ConversionError(f"projector kind {cfg.projector.kind!r} (hidden {cfg.projector.hidden}) has no LLaVA "
                               "equivalent; LLaVA needs kind 'mlp' with hidden = the LM width")
+    if cfg.image_positions != "sequential":
+        raise ConversionError(f"image_positions {cfg.image_positions!r} has no LLaVA equivalent (LLaVA gives each "
+                              "image token its own position)")
     if cfg.projector.position_embedding:
         raise ConversionError("projector.position_embedding has no LLaVA equivalent (LLaVA adds nothing to the "
                               "projected image tokens)")

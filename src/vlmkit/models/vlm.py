@@ -65,6 +65,18 @@ class VisionLanguageModel(nn.Module):
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), feats)
         return embeds
 
+    def shared_image_positions(self, input_ids: torch.Tensor, positions: torch.Tensor | None,
+                               cache: KVCache | None) -> torch.Tensor:
+        """`positions` (default: counting on from the cache) with each image's tokens set to its first one's."""
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        slots = input_ids == self.image_token_id
+        first = slots & ((slots.cumsum(1) - 1) % self.cfg.image_tokens == 0)   # each image's first slot
+        # Each position's latest image start (-1 before any), carried forward along the row.
+        image_start = torch.where(first, positions, torch.full_like(positions, -1)).cummax(1).values
+        return torch.where(slots, image_start, positions)
+
     def forward(self, input_ids: torch.Tensor, pixels: torch.Tensor | None = None,
                 image_features: torch.Tensor | None = None, vision_tokens: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None,
@@ -78,6 +90,8 @@ class VisionLanguageModel(nn.Module):
         """
         embeds = self.embed_inputs(input_ids, pixels, image_features, vision_tokens)
         lm = self.language_model
+        if self.cfg.image_positions == "shared":
+            positions = self.shared_image_positions(input_ids, positions, cache)
         if logits_at is None:
             return lm(embeds=embeds, positions=positions, cache=cache, key_mask=key_mask,
                       last_only=last_only, attentions=attentions)
