@@ -167,14 +167,18 @@ def _vlm_shapes() -> dict:
     so the align phase trains it on captions together with the projector.
     """
     return {
-        # Three choices that together scored higher in 1,600-step trials on the shapes questions
+        # Four choices that together scored higher in 1,600-step trials on the shapes questions
         # (the first two helped only together):
         # - the tower's second block (vision_layer -3): its tokens hold their own cell's object
         #   more than the other objects (lookup_tokens.py), and two blocks less to run;
         # - init_std 1/sqrt(width), not Llama's 0.02: a from-scratch LM learns lookups sooner
         #   (lm_lookup.py);
-        # - a learned vector per image slot, so a token's content says which cell it is.
+        # - a learned vector per image slot, so a token's content says which cell it is;
+        # - one rotary position for all of an image's tokens. With one each, the LM named places
+        #   by counting positions and never learned to read a found object's place from its
+        #   content: "where is the red circle?" got the same answer whichever object was named.
         "model": {"vision": _SHAPES_VISION, "vision_layer": -3, "projector": {"position_embedding": True},
+                  "image_positions": "shared",
                   "decoder": {"width": 192, "depth": 3, "heads": 4, "kv_heads": 2, "mlp_dim": 512,
                               "max_positions": 128, "init_std": 192 ** -0.5}},
         "data": {"source": "shapes", "train_size": 16000, "eval_size": 500,
