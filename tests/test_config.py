@@ -5,7 +5,7 @@ import torch
 
 from vlmkit.config import ClipRunConfig, ConfigError, DualEncoderConfig, VisionConfig
 from vlmkit.models.dual_encoder import DualEncoder
-from vlmkit.presets import PRESETS, preset
+from vlmkit.presets import PRESETS, preset, vlm_preset
 
 
 def test_unknown_key_is_named():
@@ -55,6 +55,8 @@ def test_dotted_overrides_are_checked():
         preset("tiny").override({"train.stepz": 7})
     with pytest.raises(ConfigError, match="must be positive"):
         preset("tiny").override({"train.steps": 0})
+    with pytest.raises(ConfigError, match="task_repeats must map question kinds to whole numbers"):
+        vlm_preset("tiny").override({"instruct.task_repeats": {"grounding": 0.5}})
 
 
 def test_unknown_preset_lists_the_known_ones():

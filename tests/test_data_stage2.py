@@ -346,7 +346,7 @@ def test_easy_vqa_conversations():
 
 
 def test_merge_turns_groups_questions_about_one_image():
-    from vlmkit.data.vqa_sets import merge_turns, of_kinds
+    from vlmkit.data.vqa_sets import merge_turns, of_kinds, repeats
 
     vqa = ShapesVQA(split="train", size=40, image_size=48)
     single = vqa.all_conversations()
@@ -375,6 +375,9 @@ def test_merge_turns_groups_questions_about_one_image():
     # Phase task filters see every question kind inside a merged conversation.
     multi = next(c for c in merged if c.meta["kind"] == "multi_turn")
     assert of_kinds(multi, multi.meta["kinds"]) and not of_kinds(multi, multi.meta["kinds"][:1])
+    # Oversampling counts a merged conversation as often as its most repeated kind.
+    kind = multi.meta["kinds"][1]
+    assert repeats(multi, {kind: 3}) == 3 and repeats(multi, {"caption": 3}) == 1
 
 
 def test_train_turns_merges_training_conversations_only():

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from vlmkit.cli import main
+from vlmkit.data.prepared import DataError
 from vlmkit.presets import vlm_preset
 from vlmkit.training.instruct import train_vlm
 
@@ -57,6 +58,19 @@ def test_cached_frozen_tower_tokens_train_exactly_like_pixels(tmp_path, monkeypa
                if "loss" in line] for d in (tmp_path / "cached", tmp_path / "plain")]
     assert len(losses[0]) == 6
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_task_repeats_oversample_a_kind_and_must_name_one_the_data_has(tmp_path, capsys):
+    short = {**LEARNABLE, "data.train_size": 40, "instruct.tasks": None, "instruct.train.steps": 1}
+    runs = {}
+    for name, repeats in (("once", {}), ("twice", {"colour": 2})):
+        train_vlm(vlm_preset("tiny").override({**short, "instruct.task_repeats": repeats}), tmp_path / name,
+                  progress=False)
+        runs[name] = int(capsys.readouterr().out.split("phase instruct: ")[1].split()[0])
+    assert runs["twice"] == runs["once"] + 40      # one colour question per scene, now twice
+    with pytest.raises(DataError, match=r"task_repeats names kinds \['grounding'\]"):
+        train_vlm(vlm_preset("tiny").override({**short, "instruct.task_repeats": {"grounding": 3}}),
+                  tmp_path / "absent", progress=False)
 
 
 def test_align_then_instruct_with_lora_and_a_stage1_tower(tiny_run, tmp_path):

@@ -403,10 +403,14 @@ class PhaseConfig(Config):
     lora_rank: int = 8
     lora_alpha: float = 16.0
     tasks: list[str] | None = None          # question kinds to train on; None = all
+    # Oversampling: conversations of these kinds appear this many times per epoch (others once).
+    task_repeats: dict = field(default_factory=dict)
     skip: bool = False
 
     def __post_init__(self) -> None:
         _require(self.lora_rank > 0, "lora_rank must be positive")
+        _require(all(isinstance(n, int) and n >= 1 for n in self.task_repeats.values()),
+                 f"task_repeats must map question kinds to whole numbers >= 1, got {self.task_repeats}")
 
 
 @dataclass

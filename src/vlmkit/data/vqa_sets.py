@@ -43,11 +43,21 @@ class ConversationSet:
         return ConversationSet(self.images, kept, self.dropped)
 
 
+def question_kinds(conversation: Conversation) -> list[str]:
+    """The kind of each question a conversation asks ("chat" where the data does not say)."""
+    return conversation.meta.get("kinds", [conversation.meta.get("kind", "chat")])
+
+
 def of_kinds(conversation: Conversation, kinds: list[str] | None) -> bool:
     """Whether every question of `conversation` is of one of `kinds` (None: any)."""
     if kinds is None:
         return True
-    return all(k in kinds for k in conversation.meta.get("kinds", [conversation.meta.get("kind", "chat")]))
+    return all(k in kinds for k in question_kinds(conversation))
+
+
+def repeats(conversation: Conversation, task_repeats: dict[str, int]) -> int:
+    """How many times a conversation appears per training epoch: its kinds' largest repeat (default 1)."""
+    return max(task_repeats.get(k, 1) for k in question_kinds(conversation))
 
 
 def merge_turns(conversations: list[Conversation], turns: int, seed: int = 0,

@@ -25,7 +25,7 @@ from vlmkit.data.chat import Encoded, PromptTooLong, collate, encode_conversatio
 from vlmkit.data.images import ImageTransform
 from vlmkit.data.lm_tokenizer import LMTokenizer, render_chatml
 from vlmkit.data.prepared import DataError
-from vlmkit.data.vqa_sets import ConversationSet, build_set, of_kinds
+from vlmkit.data.vqa_sets import ConversationSet, build_set, of_kinds, question_kinds, repeats
 from vlmkit.evaluation.report import write_report
 from vlmkit.evaluation.vlm_eval import evaluate_vlm, headline
 from vlmkit.losses import answer_loss, answer_positions
@@ -179,6 +179,11 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
         if not rows:
             raise DataError(f"phase {name!r}: no training conversations of kinds {phase.tasks}; "
                             f"the data has {dict(train_set.kinds())}")
+        absent = sorted(set(phase.task_repeats) - {k for i in rows for k in question_kinds(train_set.conversations[i])})
+        if absent:
+            raise DataError(f"phase {name!r}: task_repeats names kinds {absent} that its training data lacks; "
+                            f"the data has {dict(train_set.kinds())}")
+        rows = [i for i in rows for _ in range(repeats(train_set.conversations[i], phase.task_repeats))]
         set_trainable(model, phase)
         cached = _frozen_vision_tokens(model, train_set, rows, device, progress) if phase.vision == "frozen" else None
         # A phase with fewer conversations than a batch (a small LLaVA file) trains on all of them each step.
@@ -203,7 +208,7 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
 
         trainer = Trainer(model, phase.train, phase_dir, batch_fn, loss_fn, save_model, eval_fn, device,
                           groups=optimizer_groups(model, phase))
-        trainer.log(f"phase {name}: {len(rows)} conversations, "
+        trainer.log(f"phase {name}: {len(rows)} conversations per epoch, "
                     f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
         if resume:
             trainer.resume()
