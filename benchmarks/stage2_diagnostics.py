@@ -62,11 +62,11 @@ def eyes(tower_dir: Path, train: int, test: int) -> list[tuple[str, str]]:
     vit.load_state_dict(state)
     vit.eval()
     mean, std = pre.get("mean", (0.5,) * 3), pre.get("std", (0.5,) * 3)
-    data = {}
+    layer, data = vlm_preset("shapes").model.vision_layer, {}
     for split, n in (("train", train), ("test", test)):
         pixels, colour, shape, box = _cells(split, n, mean, std)
-        with torch.no_grad():  # the layer Stage 2 reads (vision_layer -1), class token dropped
-            tokens = torch.cat([vit(pixels[i:i + 256], layer=-1)[:, vit.prefix:] for i in range(0, n, 256)])
+        with torch.no_grad():  # the block the Stage 2 preset reads, class token dropped
+            tokens = torch.cat([vit(pixels[i:i + 256], layer=layer)[:, vit.prefix:] for i in range(0, n, 256)])
         cell = torch.arange(9).expand(n, 9)
         data[split] = [t.reshape(-1, *t.shape[2:]) for t in (tokens, colour, shape, box, cell)]
     x, colour, shape, box, cell = data["train"]
@@ -175,7 +175,8 @@ def main() -> None:
     rows += brain(args.steps, 16000, 300)
     write_section("stage2-diagnostics", "Stage 2 diagnostics: the shapes tower's features, and the small LM on text", rows,
                   notes="Eyes: probes (one small MLP on each patch token, fit on training scenes, scored on held-out "
-                        "ones) on the frozen Stage 1 tower that Stage 2 reads. Brain: the Stage 2 preset's decoder "
+                        "ones) on the frozen Stage 1 tower, at the block the Stage 2 preset reads (`vision_layer` "
+                        f"{vlm_preset('shapes').model.vision_layer}). Brain: the Stage 2 preset's decoder "
                         "(same size, learning rate, batch) trained from scratch to answer from the caption text "
                         "instead of the image. Answering the shapes questions needs both; when the eyes are near "
                         "perfect and the brain is not, the brain's training budget is the bottleneck.")

@@ -7,8 +7,9 @@ Held-out scenes with two objects (distinct colours and shapes); the trained benc
 
   where   "Where is the C S?"    find the object by content, answer with its cell
   colour  "What colour is the S?" find the object by content, answer with an attribute
+  shape   "What shape is at the P?" find the object by its place, answer with an attribute
 
-If a model answers "where" alike for both objects, it does not use the object the question
+If a model answers a kind alike for both objects, it does not use the object the question
 names, whatever its accuracy. Written to docs/RESULTS.md.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from vlmkit.data.sources.shapes import Shapes, render  # noqa: E402
 QUESTIONS = {
     "where": (lambda o: f"Where is the {o.colour} {o.shape}?", lambda o: o.position),
     "colour": (lambda o: f"What colour is the {o.shape}?", lambda o: o.colour),
+    "shape": (lambda o: f"What shape is at the {o.position}?", lambda o: o.shape),
 }
 
 
