@@ -186,12 +186,14 @@ def _vlm_shapes() -> dict:
         "tokenizer_vocab": 600,
         "align": {"train": {"steps": 150, "batch_size": 64, "lr": 2e-3, "warmup_steps": 20, "save_every": 100},
                   "language_model": "full", "tasks": ["caption"]},
-        # The tower fine-tunes with the LM, at a fifth of its learning rate. Grounding questions
-        # come three times per epoch: at one share the LM named the right cell but guessed where
-        # a small object lay inside it (README).
-        "instruct": {"train": {"steps": 4000, "batch_size": 64, "lr": 1.5e-3, "warmup_steps": 50,
+        # The tower fine-tunes with the LM, at a fifth of its learning rate. The kinds that need
+        # the most lookups come more than once per epoch: at one share the LM named the right
+        # cell but guessed where a small object lay inside it (grounding), and answered
+        # "what shape is at P?" and "is A left of B?" about the wrong object (README).
+        "instruct": {"train": {"steps": 6000, "batch_size": 64, "lr": 1.5e-3, "warmup_steps": 50,
                                "weight_decay": 0.05, "save_every": 500, "eval_every": 1000},
-                     "vision": "full", "vision_lr": 3e-4, "task_repeats": {"grounding": 3}},
+                     "vision": "full", "vision_lr": 3e-4,
+                     "task_repeats": {"grounding": 3, "relation": 4, "shape": 3}},
     }
 
 
