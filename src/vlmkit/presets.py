@@ -181,7 +181,7 @@ def _vlm_shapes() -> dict:
                   "image_positions": "shared",
                   "decoder": {"width": 192, "depth": 3, "heads": 4, "kv_heads": 2, "mlp_dim": 512,
                               "max_positions": 128, "init_std": 192 ** -0.5}},
-        "data": {"source": "shapes", "train_size": 16000, "eval_size": 500,
+        "data": {"source": "shapes", "train_size": 24000, "eval_size": 500,
                  "source_options": {"image_size": 48, "max_objects": 3}},
         "tokenizer_vocab": 600,
         "align": {"train": {"steps": 150, "batch_size": 64, "lr": 2e-3, "warmup_steps": 20, "save_every": 100},
@@ -190,7 +190,7 @@ def _vlm_shapes() -> dict:
         # the most lookups come more than once per epoch: at one share the LM named the right
         # cell but guessed where a small object lay inside it (grounding), and answered
         # "what shape is at P?" and "is A left of B?" about the wrong object (README).
-        "instruct": {"train": {"steps": 6000, "batch_size": 64, "lr": 1.5e-3, "warmup_steps": 50,
+        "instruct": {"train": {"steps": 8000, "batch_size": 64, "lr": 1.5e-3, "warmup_steps": 50,
                                "weight_decay": 0.05, "save_every": 500, "eval_every": 1000},
                      "vision": "full", "vision_lr": 3e-4,
                      "task_repeats": {"grounding": 3, "relation": 4, "shape": 3}},
