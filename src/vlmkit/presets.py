@@ -188,8 +188,9 @@ def _vlm_shapes() -> dict:
                   "language_model": "full", "tasks": ["caption"]},
         # The tower fine-tunes with the LM, at a fifth of its learning rate. The kinds that need
         # the most lookups come more than once per epoch: at one share the LM named the right
-        # cell but guessed where a small object lay inside it (grounding), and answered
-        # "what shape is at P?" and "is A left of B?" about the wrong object (README).
+        # cell but guessed where a small object lay inside it (grounding), often answered
+        # "what shape is at P?" about another object, and did worst on relations (README).
+        # The larger shares crowd the other kinds, hence more steps.
         "instruct": {"train": {"steps": 8000, "batch_size": 64, "lr": 1.5e-3, "warmup_steps": 50,
                                "weight_decay": 0.05, "save_every": 500, "eval_every": 1000},
                      "vision": "full", "vision_lr": 3e-4,
