@@ -13,7 +13,7 @@ from PIL import Image
 from vlmkit.data.conversation import (IMAGE_PLACEHOLDER, Conversation, Message, load_llava_json,
                                       missing_images, to_llava_json)
 from vlmkit.data.sources import shapes as sh
-from vlmkit.data.sources.shapes_vqa import (CAPTION_QUESTIONS, KINDS, QA, ShapesVQA, format_box,
+from vlmkit.data.sources.shapes_vqa import (CAPTION_QUESTIONS, KINDS, ORDER_QUESTION, QA, ShapesVQA, format_box,
                                             scene_questions)
 
 U, A, S = "user", "assistant", "system"
@@ -263,6 +263,12 @@ def test_scene_answers_match_the_scene():
                 assert qa.box == o.box
                 pct = [int(v) for v in BOX_RE.fullmatch(a).groups()]
                 assert all(abs(p - 100 * v / scene.image_size) <= 1 for p, v in zip(pct, o.box))
+            elif qa.kind == "order":
+                assert q == ORDER_QUESTION
+                names = a.split(", ")
+                assert Counter(names) == Counter(f"{o.colour} {o.shape}" for o in objs)  # each object once
+                columns = [named[n].cell % 3 for n in names if n in named]
+                assert columns == sorted(columns)  # left to right
     for kind in ("exists", "relation"):
         yes = answers[kind].count("yes") / len(answers[kind])
         assert 0.4 <= yes <= 0.6, (kind, yes)
@@ -272,11 +278,20 @@ def test_scene_answers_match_the_scene():
     assert len(answers["relation"]) > 100 and len(answers["grounding"]) > 500
 
 
+def test_order_lists_objects_by_column_then_row():
+    box = (0, 0, 10, 10)
+    scene = sh.Scene((sh.Obj("circle", "red", "small", 2, box), sh.Obj("square", "blue", "large", 3, box),
+                      sh.Obj("triangle", "green", "small", 4, box), sh.Obj("circle", "red", "large", 7, box)))
+    qa, = scene_questions(scene, random.Random(0), ["order"])
+    # cells 3 (left), then 4 (center) above 7 (bottom), then 2 (top right)
+    assert (qa.question, qa.answer) == (ORDER_QUESTION, "blue square, green triangle, red circle, red circle")
+
+
 def test_scenes_without_unique_objects_skip_those_kinds():
     box = (0, 0, 10, 10)
     twins = sh.Scene((sh.Obj("circle", "red", "small", 0, box), sh.Obj("circle", "red", "large", 4, box)))
     kinds = {q.kind for q in scene_questions(twins, random.Random(0))}
-    assert kinds == {"caption", "colour", "shape", "count", "exists"}
+    assert kinds == {"caption", "colour", "shape", "count", "exists", "order"}
     one = sh.Scene((sh.Obj("circle", "red", "small", 0, box),))
     assert "relation" not in {q.kind for q in scene_questions(one, random.Random(0))}
 

@@ -235,6 +235,21 @@ def test_stage2_results_fit_write_report(tmp_path: Path) -> None:
     assert "vqa.per_kind.yes/no.accuracy" in md and "pope.confusion.fp" in md
 
 
+def test_order_answers_are_scored_apart_from_vqa(monkeypatch) -> None:
+    from vlmkit.data.conversation import Conversation, Message
+    from vlmkit.data.vqa_sets import ConversationSet
+    from vlmkit.evaluation import vlm_eval
+
+    truth = [("colour", "red"), ("order", "red circle, blue square"), ("order", "blue square")]
+    convs = [Conversation([Message("user", "<image>\nq"), Message("assistant", a)], [0], {"kind": k, "answer": a})
+             for k, a in truth]
+    predictions = ["red", "Red circle, blue square.", "red circle"]
+    monkeypatch.setattr(vlm_eval, "generate_answers", lambda *args, **kwargs: predictions)
+    results, _ = vlm_eval.evaluate_vlm(None, None, ConversationSet(None, convs))
+    assert results["vqa"]["count"] == 1                      # the VQA figure keeps its kinds
+    assert results["order"] == {"accuracy": 0.5, "count": 2}
+
+
 # ------------------------------------------------------------------ attention figure
 def make_image() -> Image.Image:
     pixels = np.zeros((60, 90, 3), dtype=np.uint8)

@@ -23,6 +23,9 @@ from vlmkit.inference.engine import Engine, SamplingParams
 
 # "chat": conversations from a LLaVA file, scored by exact match against their last answer.
 SHORT_ANSWER_KINDS = ("colour", "shape", "count", "position", "relation", "exists", "yes/no", "chat")
+# Exact match too, but a list of objects, not a short answer: scored on its own line, so the
+# VQA figure keeps its question kinds.
+LIST_KINDS = ("order",)
 
 
 def reference(conversation: Conversation) -> str:
@@ -80,6 +83,10 @@ def evaluate_vlm(model, tokenizer: LMTokenizer, data: ConversationSet, limit: in
     if short:
         results["vqa"] = vqa_accuracy([p for _, p in short], [reference(data.conversations[i]) for i, _ in short],
                                       [data.conversations[i].meta.get("kind", "chat") for i, _ in short])
+    for kind in LIST_KINDS:
+        if by_kind.get(kind):
+            pairs = by_kind[kind]
+            results[kind] = vqa_accuracy([p for _, p in pairs], [reference(data.conversations[i]) for i, _ in pairs])
     for kind in ("exists", "yes/no"):
         if by_kind.get(kind):
             pairs = by_kind[kind]

@@ -1,7 +1,7 @@
 """Questions and answers about `shapes` scenes, exact by construction, for Stage 2.
 
 `scene_questions` asks up to one question per kind (caption, colour, shape, count, position,
-relation, exists, grounding) about a `Scene`; answers are computed from the scene, never
+relation, exists, grounding, order) about a `Scene`; answers are computed from the scene, never
 from pixels. Yes/no kinds draw the target answer first, so yes and no are balanced 50/50.
 `ShapesVQA` turns scene i of a `Shapes` source into single-turn `Conversation`s whose image
 is row i (render it with `.source[i]`, or `ShapesVQA[i]` which is the same).
@@ -19,8 +19,9 @@ from ..conversation import IMAGE_PLACEHOLDER, Conversation, Message
 from .base import Example, Source
 from .shapes import COLOURS, SHAPES, Obj, Scene, Shapes, caption
 
-KINDS = ("caption", "colour", "shape", "count", "position", "relation", "exists", "grounding")
+KINDS = ("caption", "colour", "shape", "count", "position", "relation", "exists", "grounding", "order")
 CAPTION_QUESTIONS = ("Describe the image.", "Write a short caption for this image.", "What is in the picture?")
+ORDER_QUESTION = "Name the shapes from left to right."
 RELATIONS = ("left of", "right of", "above", "below")
 _ZERO_COUNT_P = 0.2  # share of count questions about a colour or shape that is absent
 
@@ -126,6 +127,11 @@ def _ask(kind: str, scene: Scene, rng: random.Random) -> QA | None:
         o = rng.choice(unique)
         return QA(f"Where is the {o.colour} {o.shape}? Give its box.", format_box(o.box, scene.image_size),
                   kind, o.box)
+    if kind == "order":
+        # Captions list objects in reading order, row by row; this lists them column by column
+        # (top first within a column), so columns get the same dense lesson as rows (README).
+        ordered = sorted(objs, key=lambda o: (o.cell % 3, o.cell // 3))
+        return QA(ORDER_QUESTION, ", ".join(f"{o.colour} {o.shape}" for o in ordered), kind)
     raise ValueError(f"unknown question kind {kind!r}; expected one of {KINDS}")
 
 
