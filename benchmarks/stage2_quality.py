@@ -77,6 +77,8 @@ def shapes(out: Path) -> None:
     write_section("stage2-shapes", "Stage 2: shapes VLM, small LM from scratch (preset `shapes`, Stage 2)", [
         (f"shapes VQA exact match, held-out images (n={r['vqa']['count']})", f"{r['vqa']['accuracy']:.3f}"),
         *_kinds(r),
+        (f"shapes order exact match, 'Name the shapes from left to right.' (n={r['order']['count']}; not in VQA)",
+         f"{r['order']['accuracy']:.3f}"),
         (f"shapes POPE F1 (n={pope['count']})", f"{pope['f1']:.3f}"),
         ("shapes POPE accuracy / precision / recall", f"{pope['accuracy']:.3f} / {pope['precision']:.3f} / {pope['recall']:.3f}"),
         ("shapes POPE yes-ratio", f"{pope['yes_ratio']:.3f}"),
