@@ -190,11 +190,14 @@ def _vlm_shapes() -> dict:
         # the most lookups come more than once per epoch: at one share the LM named the right
         # cell but guessed where a small object lay inside it (grounding), often answered
         # "what shape is at P?" about another object, and did worst on relations (README).
-        # The larger shares crowd the other kinds, hence more steps.
+        # The larger shares crowd the other kinds, hence more steps. "order" (name the shapes
+        # from left to right; not in the VQA figure) teaches columns as captions, in reading
+        # order, teach rows: without it the LM answered "is A left of B?" by whether A and B
+        # share a row (stage2_relations.py).
         "instruct": {"train": {"steps": 8000, "batch_size": 64, "lr": 1.5e-3, "warmup_steps": 50,
                                "weight_decay": 0.05, "save_every": 500, "eval_every": 1000},
                      "vision": "full", "vision_lr": 3e-4,
-                     "task_repeats": {"grounding": 3, "relation": 4, "shape": 3}},
+                     "task_repeats": {"grounding": 3, "relation": 4, "shape": 3, "order": 2}},
     }
 
 
