@@ -1,8 +1,8 @@
 """Questions and answers about `shapes` scenes, exact by construction, for Stage 2.
 
 `scene_questions` asks up to one question per kind (caption, colour, shape, count, position,
-relation, exists, grounding, order) about a `Scene`; answers are computed from the scene, never
-from pixels. Yes/no kinds draw the target answer first, so yes and no are balanced 50/50.
+relation, exists, grounding, order) about a `Scene`; answers are computed from the scene,
+never from pixels. Yes/no kinds draw the target answer first, so yes and no are balanced 50/50.
 `ShapesVQA` turns scene i of a `Shapes` source into single-turn `Conversation`s whose image
 is row i (render it with `.source[i]`, or `ShapesVQA[i]` which is the same).
 """
