@@ -11,16 +11,15 @@ Written to docs/RESULTS.md.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import write_section  # noqa: E402
+from stage2_where import two_object_scenes  # noqa: E402
 
-import vlmkit  # noqa: E402
-from vlmkit.data.sources.shapes import Obj, Shapes, render  # noqa: E402
+from vlmkit.data.sources.shapes import Obj, render  # noqa: E402
 
 RELATIONS = ("left of", "right of", "above", "below")
 LAYOUTS = ("same row", "same column", "diagonal")
@@ -33,15 +32,7 @@ def layout_and_truths(a: Obj, b: Obj) -> tuple[str, dict[str, bool]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="runs/bench/vlm-shapes/model")
-    parser.add_argument("--scenes", type=int, default=300)
-    args = parser.parse_args()
-    assistant = vlmkit.load(args.model, device="cpu")
-    source = Shapes("test", 4 * args.scenes, image_size=assistant.transform.size, min_objects=2, max_objects=2)
-    scenes = [s for s in map(source.scene, range(len(source)))
-              if s.objects[0].colour != s.objects[1].colour and s.objects[0].shape != s.objects[1].shape]
-    scenes = scenes[: args.scenes]
+    assistant, model, scenes = two_object_scenes(__doc__)
     right, asked = Counter(), Counter()
     for scene in scenes:
         image = render(scene)
@@ -62,7 +53,7 @@ def main() -> None:
         rows.append((f"'{rel}' (n={n})", f"right {r / n:.3f}; " + "; ".join(cells)))
         print(*rows[-1])
     write_section("stage2-relations", "Stage 2 diagnostics: spatial relations by layout (shapes VLM)", rows,
-                  notes=f"Model: `{args.model}` (trained by `stage2_quality.py --tasks shapes`). {len(scenes)} "
+                  notes=f"Model: `{model}` (trained by `stage2_quality.py --tasks shapes`). {len(scenes)} "
                         "held-out scenes with two objects of different colours and shapes; each relation is asked "
                         "both ways, greedy. Each cell is right answers / questions for one layout and true answer.")
 

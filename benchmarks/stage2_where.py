@@ -31,8 +31,10 @@ QUESTIONS = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def two_object_scenes(description: str):
+    """Parse --model/--scenes; return the loaded model, its path and the first held-out scenes
+    with two objects of different colours and shapes."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="runs/bench/vlm-shapes/model")
     parser.add_argument("--scenes", type=int, default=300)
     args = parser.parse_args()
@@ -40,7 +42,11 @@ def main() -> None:
     source = Shapes("test", 4 * args.scenes, image_size=assistant.transform.size, min_objects=2, max_objects=2)
     scenes = [s for s in map(source.scene, range(len(source)))
               if s.objects[0].colour != s.objects[1].colour and s.objects[0].shape != s.objects[1].shape]
-    scenes = scenes[: args.scenes]
+    return assistant, args.model, scenes[: args.scenes]
+
+
+def main() -> None:
+    assistant, model, scenes = two_object_scenes(__doc__)
     rows = []
     for kind, (ask, truth) in QUESTIONS.items():
         right = both = alike = first = 0
@@ -58,7 +64,7 @@ def main() -> None:
                      f"{alike / n:.3f}; answers naming the first object {first / (2 * n):.3f}"))
         print(rows[-1])
     write_section("stage2-where", "Stage 2 diagnostics: does the shapes VLM find the object a question names?", rows,
-                  notes=f"Model: `{args.model}` (trained by `stage2_quality.py --tasks shapes`). Held-out scenes with "
+                  notes=f"Model: `{model}` (trained by `stage2_quality.py --tasks shapes`). Held-out scenes with "
                         "two objects of different colours and shapes; each question is asked about each object, "
                         "greedy. A model that reads the named object answers the two questions differently; "
                         "'same answer for both' near 1 with 'right' near 0.5 means it answers about one of the "
