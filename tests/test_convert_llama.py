@@ -203,6 +203,7 @@ def smollm2_hf(tmp_path_factory):
     return model, tokenizer, out
 
 
+@pytest.mark.slow
 def test_smollm2_export_matches_transformers(smollm2_hf):
     model, tok, out = smollm2_hf
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
@@ -226,6 +227,7 @@ def test_smollm2_export_matches_transformers(smollm2_hf):
     assert hf_tok.decode(new, skip_special_tokens=True) == tok.decode(new) and tok.decode(new).strip()
 
 
+@pytest.mark.slow
 def test_smollm2_hf_tokenizer_reads_back(smollm2_hf, tmp_path):
     """Our export, and transformers' own re-save of it (chat_template.jinja only), read back the same."""
     _, tok, out = smollm2_hf

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from vlmkit.data.conversation import (IMAGE_PLACEHOLDER, Conversation, Message, load_llava_json,
+from vlmkit.data.conversation import (IMAGE_TOKEN, Conversation, Message, load_llava_json,
                                       missing_images, to_llava_json)
 from vlmkit.data.sources import shapes as sh
 from vlmkit.data.sources.shapes_vqa import (CAPTION_QUESTIONS, KINDS, ORDER_QUESTION, QA, ShapesVQA, format_box,
@@ -305,7 +305,7 @@ def test_shapes_vqa_conversations():
         assert convs == ds.conversations(i - 30)
         for c in convs:
             c.validate()
-            assert c.images == [i] and c.messages[0].content.startswith(IMAGE_PLACEHOLDER + "\n")
+            assert c.images == [i] and c.messages[0].content.startswith(IMAGE_TOKEN + "\n")
             assert c.messages[0].content[len("<image>\n"):] == c.meta["question"]
             assert c.messages[1] == Message(A, c.meta["answer"])
             if c.meta["kind"] == "grounding":
@@ -369,7 +369,7 @@ def test_merge_turns_groups_questions_about_one_image():
     for c in merged:
         c.validate()
         assert len(c.images) == 1 and c.num_placeholders() == 1
-        assert c.messages[0].content.startswith(IMAGE_PLACEHOLDER)  # the image comes first, once
+        assert c.messages[0].content.startswith(IMAGE_TOKEN)  # the image comes first, once
         if c.meta["kind"] == "multi_turn":
             assert 2 <= len(c.meta["kinds"]) <= 3 and "caption" not in c.meta["kinds"]
         else:
@@ -379,7 +379,7 @@ def test_merge_turns_groups_questions_about_one_image():
         out = Counter()
         for c in convs:
             for q, a in zip(c.messages[0::2], c.messages[1::2]):
-                out[c.images[0], q.content.replace(IMAGE_PLACEHOLDER, "").strip(), a.content] += 1
+                out[c.images[0], q.content.replace(IMAGE_TOKEN, "").strip(), a.content] += 1
         return out
 
     assert triples(merged) == triples(single)

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from vlmkit.evaluation.captions import caption_scores, tokenize
-from vlmkit.evaluation.grounding import box_iou, format_box, grounding_scores, parse_box
+from vlmkit.data.boxes import format_box, parse_box
+from vlmkit.evaluation.grounding import box_iou, grounding_scores
 from vlmkit.evaluation.pope import parse_yes_no, pope_scores
 from vlmkit.evaluation.report import write_report
 from vlmkit.evaluation.vqa import normalize_answer, vqa_accuracy

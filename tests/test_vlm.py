@@ -291,9 +291,28 @@ def test_saved_model_reloads_to_the_same_answers(tokenizer, tmp_path):
     answer = loaded.ask(image, question, max_new_tokens=8)
     assert answer == tokenizer.decode(expected)
     assert "".join(loaded.ask(image, question, stream=True, max_new_tokens=8)) == answer
-    assert loaded.caption(image, max_new_tokens=4) == loaded.caption(image, max_new_tokens=4)
-    probs = loaded.classify(image, ["red", "blue"])
-    assert abs(sum(p for _, p in probs) - 1) < 1e-5
+
+    # By hand, with full forward passes of the model that was saved (no KV cache, no Engine).
+    pixels = transform(image)[None]
+    prompt = lambda q: encode_conversation([{"role": "user", "content": "<image>\n" + q}],  # noqa: E731
+                                           tokenizer, 16, 90, True).ids
+    ids, greedy = prompt("Describe the image."), []
+    with torch.no_grad():
+        while len(greedy) < 4 and tokenizer.eos_id not in greedy:
+            greedy.append(int(model(torch.tensor([ids + greedy]), pixels=pixels)[0, -1].argmax()))
+    assert loaded.caption(image, max_new_tokens=4) == tokenizer.decode(greedy)
+    # classify: a softmax over the labels of each answer's log-likelihood (its tokens, then end of turn).
+    ids, labels = prompt("What is in the image?"), ["red", "no", "2", "blue"]   # "blue" is 3 tokens
+    scores = []
+    for label in labels:
+        answer = tokenizer.encode(label) + [tokenizer.eos_id]
+        with torch.no_grad():
+            logp = model(torch.tensor([ids + answer]), pixels=pixels)[0, len(ids) - 1:-1].log_softmax(-1)
+        scores.append(logp.gather(1, torch.tensor(answer)[:, None]).sum())
+    expected = sorted(zip(labels, torch.stack(scores).softmax(0).tolist()), key=lambda p: -p[1])
+    got = loaded.classify(image, labels)
+    assert [label for label, _ in got] == [label for label, _ in expected]
+    assert [p for _, p in got] == pytest.approx([p for _, p in expected], rel=1e-4)
     assert loaded.embed([image, image]).shape == (2, 32)
 
 

@@ -8,6 +8,6 @@
 """
 from vlmkit.inference.api import load
 from vlmkit.presets import preset, vlm_preset
+from vlmkit.runtime import VERSION as __version__
 
-__version__ = "0.2.0"
 __all__ = ["load", "preset", "vlm_preset", "__version__"]

@@ -5,6 +5,7 @@
     tokenizer.json       + tokenizer_config.json
     preprocessor.json    image size, resize mode, mean/std
     trainer_state/       optimizer, schedule, RNG, step (only for resumable checkpoints)
+    run_config.json      the training run's whole config (checkpoints written by a recipe)
     metrics.jsonl        the training log up to this checkpoint
 
 Everything is first written to a hidden sibling directory and then renamed into place,
@@ -22,7 +23,7 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlmkit.config import FORMAT_VERSION, ConfigError
+from vlmkit.config import FORMAT_VERSION, ConfigError, DualEncoderConfig, VisionConfig, VLMConfig
 
 REQUIRED_FILES = ("config.json", "model.safetensors")
 MODEL_KINDS = ("dual_encoder", "vlm", "text_encoder", "decoder")
@@ -74,8 +75,12 @@ def save_checkpoint(
     preprocessor: dict[str, Any] | None = None,
     trainer_state: dict[str, Any] | None = None,
     extra_files: dict[str, str | Path] | None = None,
+    run_config: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a complete checkpoint directory at `path`, replacing any old one atomically."""
+    """Write a complete checkpoint directory at `path`, replacing any old one atomically.
+
+    `run_config` (the training run's whole config) is kept as run_config.json beside the weights.
+    """
     path = Path(path)
     with atomic_dir(path) as tmp:
         config = {"format_version": FORMAT_VERSION, "kind": kind, "model": model_config}
@@ -89,6 +94,8 @@ def save_checkpoint(
         if trainer_state is not None:
             (tmp / "trainer_state").mkdir()
             torch.save(trainer_state, tmp / "trainer_state" / "state.pt")
+        if run_config is not None:
+            (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
         for name, source in (extra_files or {}).items():
             if Path(source).exists():
                 shutil.copyfile(source, tmp / name)
@@ -118,10 +125,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load model.safetensors strictly: any missing, unexpected or mis-shaped tensor is an error."""
     file = Path(path) / "model.safetensors"
-    try:
-        state = load_file(str(file))
-    except Exception as e:  # safetensors raises its own error types for a damaged header
-        raise CheckpointError(f"{file}: unreadable weights ({e})") from None
+    state = read_weights(path)
     expected = unique_state_dict(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -133,6 +137,35 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     # Not strict: tied aliases (lm_head = embed) are absent from the file on purpose; the
     # key check above already covered every real tensor.
     model.load_state_dict(state, strict=False)
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of `path`/model.safetensors, by name."""
+    file = Path(path) / "model.safetensors"
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise CheckpointError(f"{file}: unreadable weights ({e})") from None
+
+
+def read_preprocessor(path: str | Path) -> dict[str, Any]:
+    """The image preprocessing saved with a checkpoint ({} if it has none)."""
+    file = Path(path) / "preprocessor.json"
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def read_vision_tower(path: str | Path) -> tuple[VisionConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """The vision config, vision weights and image preprocessing of a Stage 1 or Stage 2 checkpoint."""
+    config = read_config(path)
+    if config["kind"] == "dual_encoder":
+        vision, prefix = DualEncoderConfig.from_dict(config["model"], f"{path}/config.json model").vision, "vision."
+    elif config["kind"] == "vlm":
+        vision, prefix = VLMConfig.from_dict(config["model"], f"{path}/config.json model").vision, "vision_tower."
+    else:
+        raise CheckpointError(f"{path}: a vision tower comes from a dual_encoder or vlm checkpoint, "
+                              f"got kind {config['kind']!r}")
+    state = {k[len(prefix):]: v for k, v in read_weights(path).items() if k.startswith(prefix)}
+    return vision, state, read_preprocessor(path)
 
 
 def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

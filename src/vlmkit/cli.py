@@ -9,11 +9,16 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import logging
 import sys
 import types
 import typing
 from pathlib import Path
 from typing import Callable, Literal
+
+from vlmkit.runtime import configure_logging, missing_dependency
+
+log = logging.getLogger("vlmkit.cli")
 
 # ---- commands -------------------------------------------------------------------------
 
@@ -53,12 +58,13 @@ def train_clip(preset: str = "shapes", out: str = "runs/clip", config: str | Non
         resume: continue from the newest checkpoint in `out` if there is one.
     """
     from vlmkit.config import ClipRunConfig
+    from vlmkit.evaluation.hooks import ClipHooks
     from vlmkit.presets import preset as get_preset
     from vlmkit.training.contrastive import train_clip as run
 
     cfg = ClipRunConfig.load(config) if config else get_preset(preset)
     cfg = cfg.override(_parse_overrides(set or []))
-    result = run(cfg, out, resume=resume)
+    result = run(cfg, out, resume=resume, hooks=ClipHooks())
     print(json.dumps({"status": result.status, "model": str(result.model_dir), **result.results}, indent=2))
 
 
@@ -75,6 +81,7 @@ def train_vlm(preset: str = "shapes", out: str = "runs/vlm", vision_init: str | 
         resume: continue from the newest checkpoint in `out` if there is one.
     """
     from vlmkit.config import VlmRunConfig
+    from vlmkit.evaluation.hooks import VlmHooks
     from vlmkit.presets import vlm_preset
     from vlmkit.training.instruct import train_vlm as run
 
@@ -82,7 +89,7 @@ def train_vlm(preset: str = "shapes", out: str = "runs/vlm", vision_init: str | 
     overrides = _parse_overrides(set or [])
     if vision_init:
         overrides["vision_init"] = vision_init
-    result = run(cfg.override(overrides), out, resume=resume)
+    result = run(cfg.override(overrides), out, resume=resume, hooks=VlmHooks())
     print(json.dumps({"status": result.status, "model": str(result.model_dir), **result.results}, indent=2))
 
 
@@ -111,7 +118,7 @@ def caption(image: str, model: str, max_tokens: int = 64, temperature: float = 0
     if heatmap:
         from vlmkit.inference.assistant import CAPTION_PROMPT
 
-        print(f"wrote {m.explain(image, CAPTION_PROMPT, heatmap, answer=text)}", file=sys.stderr)
+        log.info(f"wrote {m.explain(image, CAPTION_PROMPT, heatmap, answer=text)}")
 
 
 def ask(image: str, question: str, model: str, max_tokens: int = 64, temperature: float = 0.0,
@@ -134,7 +141,7 @@ def ask(image: str, question: str, model: str, max_tokens: int = 64, temperature
     answer = m.ask(image, question, **_sampling(max_tokens, temperature, top_p, seed))
     print(answer)
     if heatmap:
-        print(f"wrote {m.explain(image, question, heatmap, answer=answer)}", file=sys.stderr)
+        log.info(f"wrote {m.explain(image, question, heatmap, answer=answer)}")
 
 
 def chat(model: str, image: str | None = None, max_tokens: int = 256, temperature: float = 0.0,
@@ -213,7 +220,7 @@ def _eval_vlm(kinds: tuple[str, ...] | None, name: str, model: str, data: str, s
         with open(Path(out) / f"{name}_answers.jsonl", "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
-        print(f"wrote {json_path} and {md_path}")
+        log.info(f"wrote {json_path} and {md_path}")
     print(json.dumps(results, indent=2))
     return results
 
@@ -297,7 +304,7 @@ def evaluate(model: str, data: str = "shapes", split: str = "test", size: int = 
     results = evaluate_dual_encoder(m.model, m.tokenizer, pairs, sets, device=m.device, retrieval_size=size)
     if out:
         json_path, md_path = write_report(results, out, "results", f"Evaluation of {model} on {data}/{split}")
-        print(f"wrote {json_path} and {md_path}")
+        log.info(f"wrote {json_path} and {md_path}")
     print(json.dumps(results, indent=2))
 
 
@@ -339,7 +346,7 @@ def embed(model: str, images: list[str] | None = None, texts: list[str] | None =
     if texts:
         arrays["texts"] = m.embed_texts(texts).numpy()
     np.savez(out, **arrays)
-    print(f"wrote {out}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items()))
+    log.info(f"wrote {out}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items()))
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -410,12 +417,11 @@ def serve(model: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
     from vlmkit.serving.app import ServeSettings, create_app, load_models
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        print(f"vlmkit: warning: serving on {host} without --api-key; anyone who can reach it can use it",
-              file=sys.stderr)
+        log.warning(f"serving on {host} without --api-key; anyone who can reach it can use it")
     settings = ServeSettings(api_key=api_key, allow_remote_images=allow_remote_images, max_tokens=max_tokens,
                              max_batch=max_batch, max_queue=max_queue)
     models = load_models(model, device)
-    print(f"serving {', '.join(models)} on http://{host}:{port}/ (OpenAI API under /v1)")
+    log.info(f"serving {', '.join(models)} on http://{host}:{port}/ (OpenAI API under /v1)")
     uvicorn.run(create_app(models, settings), host=host, port=port, log_level="warning")
 
 
@@ -501,6 +507,11 @@ def _add_command(subparsers, name: str, fn: Callable) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmkit", description="Build, train, evaluate and serve vision-language models.")
+    talk = parser.add_mutually_exclusive_group()
+    talk.add_argument("-q", "--quiet", dest="_verbosity", action="store_const", const=-1, default=0,
+                      help="print warnings and errors only (results still go to standard output)")
+    talk.add_argument("-v", "--verbose", dest="_verbosity", action="store_const", const=1,
+                      help="print debug detail too")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, target in COMMANDS.items():
         if isinstance(target, dict):
@@ -518,11 +529,15 @@ def main(argv: list[str] | None = None) -> int:
     fn = args.pop("_fn")
     args.pop("command", None)
     args.pop("subcommand", None)
+    configure_logging(args.pop("_verbosity"))
     try:
         fn(**args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:  # an optional dependency: say which extra brings it
+        print(f"vlmkit: error: {missing_dependency(e)}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, OSError) as e:  # our errors name the problem: show them plainly
         print(f"vlmkit: error: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 FORMAT_VERSION = 1
+# Where an image goes in a conversation's text, and the token the LM's tokenizer gives it.
+IMAGE_TOKEN = "<image>"
 
 
 class ConfigError(ValueError):
@@ -233,7 +235,21 @@ class DualEncoderConfig(Config):
 
 
 @dataclass
-class DataConfig(Config):
+class ImageDataConfig(Config):
+    """How images become pixels: the fields Stage 1 and Stage 2 data share."""
+
+    image_size: int | None = None          # default: the vision tower's
+    resize_mode: Literal["squash", "shortest_crop", "pad"] = "squash"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    max_bad_fraction: float = 0.01         # fail when more images than this are unreadable
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]")
+
+
+@dataclass
+class DataConfig(ImageDataConfig):
     """Where the image-caption pairs come from."""
 
     source: str = "shapes"                 # a built-in source name or a path to your pairs
@@ -243,14 +259,9 @@ class DataConfig(Config):
     eval_size: int = 1000
     source_options: dict = field(default_factory=dict)  # extra keyword arguments for the source
     keep_classes: list[str] | None = None  # train only on these classes (held-out-class tests)
-    image_size: int | None = None          # default: the vision tower's
-    resize_mode: Literal["squash", "shortest_crop", "pad"] = "squash"
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    max_bad_fraction: float = 0.01         # fail when more images than this are unreadable
 
     def __post_init__(self) -> None:
-        _require(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]")
+        super().__post_init__()
         _require(self.eval_size > 0, "data.eval_size must be positive")
 
 
@@ -275,20 +286,6 @@ class TrainConfig(Config):
     eval_every: int = 0             # 0: evaluate at the end only
     save_every: int = 200
     keep_checkpoints: int = 2
-    lock_text: bool = False         # LiT: keep the (pretrained) text tower frozen
-    lock_vision: bool = False
-    text_init: str | None = None    # a BERT directory to start the text tower from
-    # Stage 1 only. "dihedral": each training image is randomly flipped and transposed (the 8
-    # symmetries of a square); only for data whose captions never name a side or position.
-    augment: Literal["none", "dihedral"] = "none"
-    # Stage 1 only: other pairs with the very same caption are not negatives (InfoNCE) or
-    # count as matches (SigLIP). For data with few distinct captions.
-    dedupe_captions: bool = False
-    # Stage 1 only: each image is also contrasted with a caption one edit away from its own
-    # (another shape, colour or place for one object; NegCLIP's hard negatives). Without them
-    # in-batch negatives are told apart by colour and place alone, and shape is coded weakly.
-    # Needs a source that can make them (`shapes`).
-    hard_negatives: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "save_every", "keep_checkpoints"):
@@ -299,12 +296,32 @@ class TrainConfig(Config):
 
 
 @dataclass
+class ClipTrainConfig(TrainConfig):
+    """Stage 1 training: the optimisation of `TrainConfig`, and what only contrastive runs have."""
+
+    lock_text: bool = False         # LiT: keep the (pretrained) text tower frozen
+    lock_vision: bool = False
+    text_init: str | None = None    # a BERT directory to start the text tower from
+    # "dihedral": each training image is randomly flipped and transposed (the 8 symmetries of
+    # a square); only for data whose captions never name a side or position.
+    augment: Literal["none", "dihedral"] = "none"
+    # Other pairs with the very same caption are not negatives (InfoNCE) or count as matches
+    # (SigLIP). For data with few distinct captions.
+    dedupe_captions: bool = False
+    # Each image is also contrasted with a caption one edit away from its own (another shape,
+    # colour or place for one object; NegCLIP's hard negatives). Without them in-batch
+    # negatives are told apart by colour and place alone, and shape is coded weakly.
+    # Needs a source that can make them (`shapes`).
+    hard_negatives: bool = False
+
+
+@dataclass
 class ClipRunConfig(Config):
     """Everything a Stage 1 (contrastive) run needs."""
 
     model: DualEncoderConfig = field(default_factory=DualEncoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: ClipTrainConfig = field(default_factory=ClipTrainConfig)
 
 
 # ----------------------------------------------------------------------------- Stage 2
@@ -347,6 +364,7 @@ class ProjectorConfig(Config):
     shuffle_factor: int = 2         # pixel_shuffle: merge factor x factor patches into one token
     queries: int = 64               # resampler: number of learned queries (= image tokens)
     heads: int = 8                  # resampler: cross-attention heads
+    # EXPERIMENTAL, for the 3x3 `shapes` preset (docs/shapes-recipe.md); LLaVA export refuses it.
     # A learned vector per image-token slot, added to the projector's output: the LM can then
     # tell which patch a token came from by what it holds, not only by where it sits.
     position_embedding: bool = False
@@ -365,11 +383,12 @@ class VLMConfig(Config):
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     vision_layer: int = -1                             # which ViT layer feeds the projector
     vision_select: Literal["patch", "all"] = "patch"   # "patch" drops the class token (LLaVA's "default")
-    image_token: str = "<image>"
+    image_token: str = IMAGE_TOKEN
     image_token_id: int = -1                           # set from the tokenizer when the model is built
-    # "shared": all tokens of one image take the rotary position of its first token (text keeps
-    # counting as usual), so the LM cannot tell them apart by position, only by content (use with
-    # projector.position_embedding). "sequential": LLaVA's layout, one position per token.
+    # "sequential": LLaVA's layout, one position per token. "shared" is EXPERIMENTAL, for the
+    # 3x3 `shapes` preset (docs/shapes-recipe.md), and LLaVA export refuses it: all tokens of
+    # one image take the rotary position of its first token (text keeps counting as usual), so
+    # the LM tells them apart by content alone (use with projector.position_embedding).
     image_positions: Literal["sequential", "shared"] = "sequential"
 
     def __post_init__(self) -> None:
@@ -414,7 +433,7 @@ class PhaseConfig(Config):
 
 
 @dataclass
-class VlmDataConfig(Config):
+class VlmDataConfig(ImageDataConfig):
     """Conversations for Stage 2: a built-in task set or a LLaVA JSON file."""
 
     source: str = "shapes"                 # shapes | easy_vqa | path to a LLaVA .json/.jsonl
@@ -423,17 +442,13 @@ class VlmDataConfig(Config):
     train_size: int | None = None          # images (scenes) to use for training
     eval_size: int = 500                   # images to evaluate on
     source_options: dict = field(default_factory=dict)
-    image_size: int | None = None          # default: the vision tower's
-    resize_mode: Literal["squash", "shortest_crop", "pad"] = "squash"
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     max_length: int = 128                  # tokens per conversation, image slots included
-    max_bad_fraction: float = 0.01
     # Training conversations ask up to this many questions about their image, one per turn
     # (captions stay alone); evaluation always asks one. See vqa_sets.merge_turns.
     train_turns: int = 1
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _require(self.max_length > 0 and self.eval_size > 0, "data.max_length and eval_size must be positive")
         _require(self.train_turns >= 1, "data.train_turns must be >= 1")
 

@@ -7,16 +7,21 @@ colour-shape pairs it never saw, with attention heatmaps, and writes `REPORT.md`
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
+from vlmkit.config import IMAGE_TOKEN
 from vlmkit.data.sources import build_source
 from vlmkit.data.sources.shapes_vqa import ShapesVQA
+from vlmkit.evaluation.hooks import ClipHooks, VlmHooks
 from vlmkit.evaluation.vlm_eval import headline
 from vlmkit.inference.api import load
 from vlmkit.presets import preset, vlm_preset
 from vlmkit.training.contrastive import train_clip
 from vlmkit.training.instruct import train_vlm
+
+log = logging.getLogger(__name__)
 
 SMOKE_STAGE1 = {"train.steps": 3, "data.train_size": 512, "data.eval_size": 100}
 SMOKE_STAGE2 = {"align.train.steps": 2, "instruct.train.steps": 3, "data.train_size": 60, "data.eval_size": 8}
@@ -36,9 +41,9 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, vlm_steps:
     cfg1 = preset("shapes").override(SMOKE_STAGE1 if smoke else {})
     if steps:
         cfg1 = cfg1.override({"train.steps": steps})
-    run1 = train_clip(cfg1, out / "stage1")
+    run1 = train_clip(cfg1, out / "stage1", hooks=ClipHooks())
     if run1.status != "done":
-        print(f"training was interrupted; run `vlmkit demo --out {out}` again to resume")
+        log.warning(f"training was interrupted; run `vlmkit demo --out {out}` again to resume")
         return out
     minutes1 = (time.perf_counter() - started) / 60
     zero_shot = _zero_shot_examples(load(run1.model_dir), out)
@@ -47,9 +52,9 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, vlm_steps:
     cfg2 = vlm_preset("shapes").override({"vision_init": str(run1.model_dir), **(SMOKE_STAGE2 if smoke else DEMO_STAGE2)})
     if vlm_steps:
         cfg2 = cfg2.override({"instruct.train.steps": vlm_steps})
-    run2 = train_vlm(cfg2, out / "stage2")
+    run2 = train_vlm(cfg2, out / "stage2", hooks=VlmHooks())
     if run2.status != "done":
-        print(f"training was interrupted; run `vlmkit demo --out {out}` again to resume")
+        log.warning(f"training was interrupted; run `vlmkit demo --out {out}` again to resume")
         return out
     minutes = (time.perf_counter() - started) / 60
     answers = _ask_heldout(load(run2.model_dir), out)
@@ -121,13 +126,13 @@ def _ask_heldout(assistant, out: Path, images: int = 4) -> list[dict]:
         path = out / f"question_image_{i}.png"
         held[i].image.save(path)
         for conv in held.conversations(i):
-            question = conv.messages[0].content.replace("<image>\n", "")
+            question = conv.messages[0].content.replace(f"{IMAGE_TOKEN}\n", "")
             answer = assistant.ask(path, question)
             row = {"image": path.name, "question": question, "truth": conv.meta["answer"], "answer": answer}
             if conv.meta["kind"] == "colour":
                 try:
                     row["heatmap"] = assistant.explain(path, question, out / f"attention_{i}.png", answer).name
                 except ValueError as e:   # an empty answer has nothing to show
-                    print(f"[vlmkit] no heatmap for image {i}: {e}")
+                    log.warning(f"no heatmap for image {i}: {e}")
             answers.append(row)
     return answers

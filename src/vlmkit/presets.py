@@ -33,7 +33,7 @@ def _shapes() -> dict:
                      "max_positions": 64, "max_length": 40},
             "embed_dim": 128,
             # Mean pooling puts the contrastive loss on every patch token, the tokens Stage 2 reads
-            # (they still carry the other objects too: lookup_tokens.py); on a class-token tower
+            # (they still carry the other objects too: experiments/lookup_tokens.py); on a class-token tower
             # Stage 2 read the wrong object's colour more often.
             "vision_pool": "mean",
         },
@@ -170,13 +170,15 @@ def _vlm_shapes() -> dict:
         # Four choices that together scored higher in 1,600-step trials on the shapes questions
         # (the first two helped only together):
         # - the tower's second block (vision_layer -3): its tokens hold their own cell's object
-        #   more than the other objects (lookup_tokens.py), and two blocks less to run;
+        #   more than the other objects (experiments/lookup_tokens.py), and two blocks less to run;
         # - init_std 1/sqrt(width), not Llama's 0.02: a from-scratch LM learns lookups sooner
-        #   (lm_lookup.py);
-        # - a learned vector per image slot, so a token's content says which cell it is;
-        # - one rotary position for all of an image's tokens. With one each, the LM named places
-        #   by counting positions and never learned to read a found object's place from its
-        #   content: "where is the red circle?" got the same answer whichever object was named.
+        #   (experiments/lm_lookup.py);
+        # - EXPERIMENTAL (this 3x3 world's options, which LLaVA export refuses; docs/shapes-recipe.md):
+        #   a learned vector per image slot, so a token's content says which cell it is;
+        # - EXPERIMENTAL likewise: one rotary position for all of an image's tokens. With one
+        #   each, the LM named places by counting positions and never learned to read a found
+        #   object's place from its content: "where is the red circle?" got the same answer
+        #   whichever object was named.
         "model": {"vision": _SHAPES_VISION, "vision_layer": -3, "projector": {"position_embedding": True},
                   "image_positions": "shared",
                   "decoder": {"width": 192, "depth": 3, "heads": 4, "kv_heads": 2, "mlp_dim": 512,
@@ -189,11 +191,11 @@ def _vlm_shapes() -> dict:
         # The tower fine-tunes with the LM, at a fifth of its learning rate. The kinds that need
         # the most lookups come more than once per epoch: at one share the LM named the right
         # cell but guessed where a small object lay inside it (grounding), often answered
-        # "what shape is at P?" about another object, and did worst on relations (README).
+        # "what shape is at P?" about another object, and did worst on relations (docs/shapes-recipe.md).
         # The larger shares crowd the other kinds, hence more steps. "order" (name the shapes
         # from left to right; not in the VQA figure) teaches columns as captions, in reading
         # order, teach rows: without it the LM answered "is A left of B?" by whether A and B
-        # share a row (stage2_relations.py).
+        # share a row (experiments/stage2_relations.py).
         "instruct": {"train": {"steps": 8000, "batch_size": 64, "lr": 1.5e-3, "warmup_steps": 50,
                                "weight_decay": 0.05, "save_every": 500, "eval_every": 1000},
                      "vision": "full", "vision_lr": 3e-4,

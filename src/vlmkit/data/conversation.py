@@ -1,7 +1,7 @@
 """Conversations: the in-memory format of Stage 2 (generative VLM) training and evaluation.
 
 A `Conversation` is a list of `Message`s (optional system, then user/assistant turns) plus
-one image per `IMAGE_PLACEHOLDER` in its text, in order. `load_llava_json` reads the LLaVA
+one image per `IMAGE_TOKEN` in its text, in order. `load_llava_json` reads the LLaVA
 format (a JSON list or JSONL of records with "image" and "conversations"); `to_llava_json`
 writes it back. Files are validated eagerly (errors name file, record index and id); image
 files are not: a missing one surfaces at decode time, or ahead of it via `missing_images`.
@@ -17,7 +17,8 @@ from typing import Any, Iterable
 
 from PIL import Image
 
-IMAGE_PLACEHOLDER = "<image>"
+from vlmkit.config import IMAGE_TOKEN
+
 ROLES = ("system", "user", "assistant")
 _FROM_ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
 _ROLE_FROM = {v: k for k, v in _FROM_ROLE.items()}
@@ -26,7 +27,7 @@ _ROLE_FROM = {v: k for k, v in _FROM_ROLE.items()}
 @dataclass(frozen=True)
 class Message:
     role: str      # "system" | "user" | "assistant"
-    content: str   # may contain IMAGE_PLACEHOLDER, one per image, in order
+    content: str   # may contain IMAGE_TOKEN, one per image, in order
 
 
 @dataclass
@@ -38,7 +39,7 @@ class Conversation:
     meta: dict[str, Any] = field(default_factory=dict)  # e.g. {"kind": "colour", "answer": "red"}
 
     def num_placeholders(self) -> int:
-        return sum(m.content.count(IMAGE_PLACEHOLDER) for m in self.messages if isinstance(m.content, str))
+        return sum(m.content.count(IMAGE_TOKEN) for m in self.messages if isinstance(m.content, str))
 
     def validate(self, where: str = "conversation", require_answer: bool = True) -> None:
         """Raise ValueError (prefixed with `where`) if this cannot be trained or evaluated on.
@@ -71,7 +72,7 @@ class Conversation:
                              "training needs an assistant answer last")
         n = self.num_placeholders()
         if n != len(self.images):
-            raise ValueError(f"{where}: {n} {IMAGE_PLACEHOLDER} placeholder(s) in the messages "
+            raise ValueError(f"{where}: {n} {IMAGE_TOKEN} placeholder(s) in the messages "
                              f"but {len(self.images)} image(s)")
         for k, image in enumerate(self.images):
             ok = (isinstance(image, (str, os.PathLike, Image.Image))
@@ -139,10 +140,10 @@ def _parse_record(rec: Any, where: str, folder: Path, require_answer: bool) -> C
             raise ValueError(f"{where}: turn {t} 'value' must be a string, got {type(value).__name__}")
         messages.append(Message(role, value))
     # LLaVA convention: an image with no placeholder belongs before the first human message.
-    if images and not any(IMAGE_PLACEHOLDER in m.content for m in messages):
+    if images and not any(IMAGE_TOKEN in m.content for m in messages):
         first = next((i for i, m in enumerate(messages) if m.role == "user"), None)
         if first is not None:
-            messages[first] = Message("user", (IMAGE_PLACEHOLDER + "\n") * len(images) + messages[first].content)
+            messages[first] = Message("user", (IMAGE_TOKEN + "\n") * len(images) + messages[first].content)
     meta = {"id": rec["id"]} if "id" in rec else {}
     # `/` keeps an absolute path as it is.
     conv = Conversation(messages, [str(folder / x) for x in images], meta)

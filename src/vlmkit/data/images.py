@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from vlmkit.config import ImageDataConfig
+
 
 class ImageDecodeError(ValueError):
     """An image that cannot be used: missing, not an image, corrupt, too large or empty."""
@@ -263,6 +265,11 @@ class ImageTransform:
             if f.name in _LATER_FIELDS and d[f.name] == f.default:
                 del d[f.name]
         return d
+
+    @classmethod
+    def for_data(cls, data: ImageDataConfig, tower_size: int) -> "ImageTransform":
+        """The preprocessing a run's data config asks for (`data.image_size` defaults to the tower's)."""
+        return cls(size=data.image_size or tower_size, resize_mode=data.resize_mode, mean=data.mean, std=data.std)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ImageTransform":

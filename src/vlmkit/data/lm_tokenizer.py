@@ -17,7 +17,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-IMAGE_TOKEN = "<image>"
+from vlmkit.config import IMAGE_TOKEN
+
 # ChatML, the template SmolLM2, Qwen2 and many others ship.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

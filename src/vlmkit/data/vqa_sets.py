@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmkit.config import VlmDataConfig
-from vlmkit.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message, load_llava_json
+from vlmkit.data.conversation import IMAGE_TOKEN, Conversation, Message, load_llava_json
 from vlmkit.data.images import ImageTransform, load_image
 from vlmkit.data.prepared import DataError, PreparedPairs, prepare
 from vlmkit.data.sources.base import Example, Source
@@ -78,7 +78,7 @@ def merge_turns(conversations: list[Conversation], turns: int, seed: int = 0,
     merged: list[Conversation] = []
     for c in conversations:
         one_question = (len(c.images) == 1 and len(c.messages) == 2 and c.messages[0].role == "user"
-                        and c.messages[0].content.count(IMAGE_PLACEHOLDER) == 1)
+                        and c.messages[0].content.count(IMAGE_TOKEN) == 1)
         if one_question and c.meta.get("kind", "chat") not in single:
             by_image.setdefault(c.images[0], []).append(c)
         else:
@@ -92,7 +92,7 @@ def merge_turns(conversations: list[Conversation], turns: int, seed: int = 0,
                 continue
             messages = list(chunk[0].messages)
             for c in chunk[1:]:
-                question = c.messages[0].content.replace(IMAGE_PLACEHOLDER, "").strip()
+                question = c.messages[0].content.replace(IMAGE_TOKEN, "").strip()
                 messages += [Message("user", question), c.messages[1]]
             merged.append(Conversation(messages, [image], {"kind": "multi_turn",
                                                            "kinds": [c.meta.get("kind", "chat") for c in chunk]}))

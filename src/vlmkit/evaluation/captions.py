@@ -35,11 +35,9 @@ def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str
 
     Returns {"bleu1", "bleu2", "bleu3", "bleu4", "cider", "count"}.
     """
-    try:
-        from pycocoevalcap.bleu.bleu import Bleu
-        from pycocoevalcap.cider.cider import Cider
-    except ImportError as e:
-        raise ImportError("caption metrics need pycocoevalcap: pip install --no-deps pycocoevalcap") from e
+    # Optional (the `metrics` extra); ModuleNotFoundError names it for the caller to report.
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
 
     if len(predictions) != len(references):
         raise ValueError(f"got {len(predictions)} predictions for {len(references)} reference lists")

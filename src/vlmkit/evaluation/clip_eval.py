@@ -5,9 +5,11 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmkit.data.prepared import PreparedPairs
+from vlmkit.data.prepared import PreparedPairs, prepare
+from vlmkit.data.sources import build_source
 from vlmkit.evaluation.retrieval import retrieval_metrics
-from vlmkit.evaluation.zero_shot import build_classifier, zero_shot_accuracy
+from vlmkit.evaluation.zero_shot import zero_shot_accuracy
+from vlmkit.inference.zero_shot import build_classifier
 
 
 @dataclass
@@ -24,9 +26,6 @@ class ZeroShotSet:
 def zero_shot_sets(source, data: PreparedPairs, transform, size: int, source_options: dict | None = None,
                    keep_classes: list[str] | None = None) -> list[ZeroShotSet]:
     """The zero-shot tests that make sense for `source` (whose evaluation split `data` holds)."""
-    from vlmkit.data.prepared import prepare
-    from vlmkit.data.sources import build_source
-
     sets = []
     if source.name == "shapes":  # compositional: single objects whose colour-shape pair training never showed
         options = {**(source_options or {}), "size": size, "min_objects": 1, "max_objects": 1}
@@ -83,3 +82,4 @@ def evaluate_dual_encoder(model, tokenizer, pairs: PreparedPairs | None, zero_sh
             if isinstance(value, float):
                 results[f"{zs.name}/{key}"] = value
     return results
+

@@ -1,43 +1,15 @@
-"""Zero-shot classification with a CLIP-style model: prompt-ensemble classifiers and accuracy.
+"""Zero-shot classification accuracy of a CLIP-style model.
 
-`build_classifier` turns class names into one text embedding per class by filling prompt
-templates ("a photo of a {}.") and averaging; `zero_shot_accuracy` scores image embeddings
-against those rows and reports top-k accuracy, per-class accuracy and a confusion matrix.
+`zero_shot_accuracy` scores image embeddings against a classifier's rows (one text embedding
+per class, from `vlmkit.inference.zero_shot.build_classifier`) and reports top-k accuracy,
+per-class accuracy and a confusion matrix.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-
-
-@torch.no_grad()
-def build_classifier(
-    encode_text: Callable[[list[str]], Tensor],
-    classnames: Sequence[str],
-    templates: Sequence[str],
-    batch_size: int = 256,
-) -> Tensor:
-    """One L2-normalised row per class, [C, E]: the re-normalised mean of its normalised prompts."""
-    if not classnames or not templates:
-        raise ValueError("build_classifier needs at least one class name and one template")
-    for t in templates:
-        if t.format("\0") == t:  # a template without "{}" would give every class the same text
-            raise ValueError(f"template {t!r} has no '{{}}' placeholder for the class name")
-
-    prompts = [t.format(c) for c in classnames for t in templates]  # class-major: reshape below
-    chunks = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        emb = encode_text(batch)
-        if emb.dim() != 2 or len(emb) != len(batch):
-            raise ValueError(f"encode_text returned shape {tuple(emb.shape)} for {len(batch)} texts; expected [B, E]")
-        chunks.append(emb.float())
-    emb = torch.cat(chunks).view(len(classnames), len(templates), -1)
-    # Normalise before averaging so no single prompt dominates through its norm.
-    return F.normalize(F.normalize(emb, dim=-1).mean(dim=1), dim=-1)
 
 
 @torch.no_grad()

@@ -15,10 +15,8 @@ import torch
 from vlmkit.checkpoint import CheckpointError, load_model, read_config
 from vlmkit.data.images import ImageTransform, load_image
 from vlmkit.data.tokenizer import Tokenizer
-from vlmkit.training.distributed import default_device
-
-DEFAULT_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}."]
-
+from vlmkit.inference.zero_shot import DEFAULT_TEMPLATES, build_classifier
+from vlmkit.runtime import default_device
 
 class DualEncoderModel:
     """A trained dual encoder with its tokenizer and image preprocessing."""
@@ -57,8 +55,6 @@ class DualEncoderModel:
 
     def classify(self, image, labels: Sequence[str], templates: Sequence[str] | None = None) -> list[tuple[str, float]]:
         """Zero-shot: probabilities over `labels`, best first, from a prompt-template ensemble."""
-        from vlmkit.evaluation.zero_shot import build_classifier
-
         labels = list(labels)
         if len(labels) < 2:
             raise ValueError("give at least two labels to choose between")

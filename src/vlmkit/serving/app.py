@@ -27,10 +27,11 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import vlmkit
 from vlmkit.data.images import ImageDecodeError, load_image
 from vlmkit.data.lm_tokenizer import IMAGE_TOKEN
+from vlmkit.inference.api import load
 from vlmkit.inference.assistant import Request
+from vlmkit.runtime import VERSION
 from vlmkit.serving.batcher import BadRequest, Batcher, QueueFull
 from vlmkit.serving.schemas import ChatMessage, ChatRequest, EmbeddingRequest, ExplainRequest
 
@@ -172,7 +173,7 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None) ->
     locks = {name: threading.Lock() for name in models}
     batchers = {name: Batcher(m, settings.max_batch, settings.max_queue, settings.batch_wait_ms, locks[name])
                 for name, m in models.items() if hasattr(m, "stream_batch")}
-    app = FastAPI(title="vlmkit", version=vlmkit.__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="vlmkit", version=VERSION, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batchers = batchers   # for monitoring and tests
 
     # ---- errors: always OpenAI's shape, never a traceback
@@ -327,7 +328,7 @@ async def _complete(job, first, ident, created, name, n) -> dict:
             reasons[item.index] = item.finish_reason
         item = await job.out.get()
     return {"id": ident, "object": "chat.completion", "created": created, "model": name,
-            "system_fingerprint": f"vlmkit-{vlmkit.__version__}",
+            "system_fingerprint": f"vlmkit-{VERSION}",
             "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
                          "finish_reason": reasons[i] or "length", "logprobs": None} for i in range(n)],
             "usage": {"prompt_tokens": prompt, "completion_tokens": sum(completion),
@@ -339,7 +340,7 @@ async def _sse(job, first, ident, created, name, n, include_usage) -> AsyncItera
 
     def chunk(choices, usage=None) -> str:
         body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name,
-                "system_fingerprint": f"vlmkit-{vlmkit.__version__}", "choices": choices}
+                "system_fingerprint": f"vlmkit-{VERSION}", "choices": choices}
         if include_usage:
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
@@ -404,5 +405,5 @@ def load_models(paths: list[str], device: str | None = None) -> dict[str, Any]:
         name = model_name(p)
         if name in models:
             raise ValueError(f"two models would be called {name!r}; rename one of the directories")
-        models[name] = vlmkit.load(p, device=device)
+        models[name] = load(p, device=device)
     return models

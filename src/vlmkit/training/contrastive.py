@@ -1,80 +1,42 @@
 """Stage 1 recipe: train a CLIP-style dual encoder with a contrastive loss.
 
 Data -> tokenizer -> model (optionally with a pretrained, locked text tower: LiT) ->
-Trainer -> final checkpoint, evaluation report and pictures.
+Trainer -> final checkpoint. Evaluation and pictures are hooks the caller attaches
+(`vlmkit.evaluation.clip_eval.ClipHooks`).
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vlmkit.checkpoint import save_checkpoint
 from vlmkit.config import ClipRunConfig
 from vlmkit.data.augment import AUGMENTATIONS
 from vlmkit.data.images import ImageTransform
 from vlmkit.data.prepared import prepare
-from vlmkit.data.sources import build_source
+from vlmkit.data.sources import source_for
 from vlmkit.data.tokenizer import Tokenizer
-from vlmkit.evaluation.clip_eval import evaluate_dual_encoder, zero_shot_sets
 from vlmkit.losses import infonce_loss, siglip_loss
 from vlmkit.models.dual_encoder import DualEncoder
 from vlmkit.training import distributed
+from vlmkit.training.batches import BatchPlan
+from vlmkit.training.run import (RunHooks, RunResult, TrainedModel, checkpoint_saver, finish_run, run_tokenizer,
+                                 start_run, write_run_config)
 from vlmkit.training.trainer import Trainer
-from vlmkit.viz.run_pictures import draw_dual_encoder_run
+
+log = logging.getLogger(__name__)
 
 
-@dataclass
-class ClipRun:
-    model_dir: Path
-    results: dict[str, float]
-    status: str
-
-
-def image_transform(cfg: ClipRunConfig) -> ImageTransform:
-    d = cfg.data
-    return ImageTransform(size=d.image_size or cfg.model.vision.image_size, resize_mode=d.resize_mode,
-                          mean=d.mean, std=d.std)
-
-
-def _source(cfg: ClipRunConfig, split: str, size: int | None):
-    d = cfg.data
-    kwargs = dict(d.source_options)
-    if size is not None and d.source == "shapes":
-        kwargs["size"] = size
-    return build_source(d.source, split, **kwargs)
-
-
-class BatchPlan:
-    """Which rows make up micro-batch (step, micro): a pure function of the seed and the step."""
-
-    def __init__(self, n: int, batch_size: int, grad_accum: int, seed: int):
-        if n < batch_size:
-            raise ValueError(f"the training set has {n} examples, fewer than train.batch_size {batch_size}")
-        self.n, self.batch_size, self.grad_accum, self.seed = n, batch_size, grad_accum, seed
-        self.per_epoch = n // batch_size
-        self._perm: tuple[int, np.ndarray] | None = None
-
-    def __call__(self, step: int, micro: int) -> torch.Tensor:
-        epoch, pos = divmod(step * self.grad_accum + micro, self.per_epoch)
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
-        rows = self._perm[1][pos * self.batch_size: (pos + 1) * self.batch_size]
-        return torch.from_numpy(rows[distributed.rank():: distributed.world_size()].copy())
-
-
-def train_clip(cfg: ClipRunConfig, out_dir: str | Path, resume: bool = True) -> ClipRun:
-    distributed.init_distributed()
+def train_clip(cfg: ClipRunConfig, out_dir: str | Path, resume: bool = True,
+               hooks: RunHooks | None = None) -> RunResult:
     out_dir = Path(out_dir)
-    device = distributed.default_device()
-    torch.manual_seed(cfg.train.seed)
-    transform = image_transform(cfg)
+    device = start_run(cfg.train.seed)
+    transform = ImageTransform.for_data(cfg.data, cfg.model.vision.image_size)
 
     # ---- data
-    train_source = _source(cfg, cfg.data.train_split, cfg.data.train_size)
+    train_source = source_for(cfg.data, cfg.data.train_split, cfg.data.train_size)
     train = prepare(train_source, transform, limit=cfg.data.train_size, max_bad_fraction=cfg.data.max_bad_fraction,
                     desc="train data")
     if cfg.data.keep_classes is not None:
@@ -82,12 +44,8 @@ def train_clip(cfg: ClipRunConfig, out_dir: str | Path, resume: bool = True) -> 
         if not keep:
             raise ValueError(f"data.keep_classes {cfg.data.keep_classes} matches none of {train_source.classes}")
         train = train.subset(torch.isin(train.labels, torch.tensor(keep)))
-    # Generated sources repeat captions now and then: draw extra so `eval_size` distinct ones remain.
-    eval_source = _source(cfg, cfg.data.eval_split, 2 * cfg.data.eval_size)
-    eval_data = prepare(eval_source, transform, limit=2 * cfg.data.eval_size,
-                        max_bad_fraction=cfg.data.max_bad_fraction, desc="eval data")
     if train.skipped:
-        print(f"[vlmkit] skipped {train.skipped} unreadable training images")
+        log.warning(f"skipped {train.skipped} unreadable training images")
 
     # ---- tokenizer and model (a pretrained text tower fixes both the text config and the vocabulary)
     model_cfg = cfg.model
@@ -98,7 +56,8 @@ def train_clip(cfg: ClipRunConfig, out_dir: str | Path, resume: bool = True) -> 
         text_cfg, text_state, tokenizer = load_bert(cfg.train.text_init, cfg.model.text.max_length)
         model_cfg = model_cfg.replace(text=text_cfg.to_dict())
     else:
-        tokenizer = Tokenizer.train(train.captions, kind="wordpiece", vocab_size=model_cfg.text.vocab_size)
+        tokenizer = run_tokenizer(out_dir, resume, lambda: Tokenizer.train(
+            train.captions, kind="wordpiece", vocab_size=model_cfg.text.vocab_size), Tokenizer.from_pretrained)
         model_cfg = model_cfg.replace(text={**model_cfg.text.to_dict(), "vocab_size": tokenizer.vocab_size})
     model = DualEncoder(model_cfg)
     if text_state is not None:
@@ -153,41 +112,17 @@ def train_clip(cfg: ClipRunConfig, out_dir: str | Path, resume: bool = True) -> 
             loss = infonce_loss(image, text, scale, ids, negatives)
         return loss, {"logit_scale": scale.item()}
 
-    zero_shot = zero_shot_sets(eval_source, eval_data, transform, cfg.data.eval_size, cfg.data.source_options,
-                               cfg.data.keep_classes)
-
-    def eval_fn(net):
-        return evaluate_dual_encoder(net, tokenizer, eval_data, zero_shot, device=device,
-                                     retrieval_size=cfg.data.eval_size)
-
-    preprocessor = transform.to_dict()
     run_config = {**cfg.to_dict(), "model": model_cfg.to_dict()}
-
-    def save_fn(path: Path, state: dict | None):
-        save_checkpoint(path, model, "dual_encoder", model_cfg.to_dict(), tokenizer, preprocessor, state,
-                        extra_files={"metrics.jsonl": out_dir / "metrics.jsonl"})
-        (path / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
-
-    trainer = Trainer(model, cfg.train, out_dir, batch_fn, loss_fn, save_fn, eval_fn, device)
-    if distributed.is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    trained = TrainedModel(model, tokenizer, transform, cfg.replace(model=model_cfg.to_dict()), out_dir, device)
+    save = checkpoint_saver(model, "dual_encoder", model_cfg.to_dict(), tokenizer, transform, run_config)
+    eval_fn = (lambda net: hooks.evaluate(trained)) if hooks is not None else None
+    trainer = Trainer(model, cfg.train, out_dir, batch_fn, loss_fn, save, eval_fn, device)
+    write_run_config(out_dir, run_config)
     if resume:
         trainer.resume()
-    status = trainer.fit()
-    results: dict[str, float] = {}
-    model_dir = out_dir / "model"
-    if status == "done":
-        results = trainer.evaluate()
-        if distributed.is_main():
-            save_fn(model_dir, None)
-            (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-            model.eval()
-            with torch.no_grad():
-                pictures = draw_dual_encoder_run(model, tokenizer, eval_data, out_dir, eval_source.classes,
-                                                 device=device)
-            print("[vlmkit] pictures: " + ", ".join(str(p) for p in pictures.values()))
-    return ClipRun(model_dir, results, status)
+    if trainer.fit() != "done":
+        return RunResult(out_dir / "model", {}, "interrupted")
+    return finish_run(trained, hooks, save, trainer.metrics_path, evaluate=trainer.evaluate)
 
 
 def _caption_ids(captions: list[str]) -> torch.Tensor:

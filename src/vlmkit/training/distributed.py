@@ -36,12 +36,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
 def wrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """DDP-wrap when running on several processes; the bare model otherwise."""
     if world_size() == 1:

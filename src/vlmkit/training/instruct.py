@@ -7,56 +7,34 @@
 
 Each phase is a Trainer run in its own folder (`align/`, `instruct/`) with its own
 checkpoints, so a run killed in either phase resumes where it stopped. The finished
-model is written to `model/` with its tokenizer, and scored on held-out images.
+model is written to `model/` with its tokenizer; scoring it on held-out images is a hook
+the caller attaches (`vlmkit.evaluation.hooks.VlmHooks`).
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
-from vlmkit.checkpoint import load_weights, read_config, save_checkpoint
-from vlmkit.config import DualEncoderConfig, PhaseConfig, VisionConfig, VLMConfig, VlmRunConfig
+from vlmkit.checkpoint import load_weights, read_vision_tower
+from vlmkit.config import PhaseConfig, VlmRunConfig
 from vlmkit.data.chat import Encoded, PromptTooLong, collate, encode_conversation
 from vlmkit.data.images import ImageTransform
 from vlmkit.data.lm_tokenizer import LMTokenizer, render_chatml
 from vlmkit.data.prepared import DataError
 from vlmkit.data.vqa_sets import ConversationSet, build_set, of_kinds, question_kinds, repeats
-from vlmkit.evaluation.report import write_report
-from vlmkit.evaluation.vlm_eval import evaluate_vlm, headline
 from vlmkit.losses import answer_loss, answer_positions
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.training import distributed
+from vlmkit.training.batches import BatchPlan
 from vlmkit.training.lora import inject_lora, merge_lora
-from vlmkit.training.contrastive import BatchPlan
+from vlmkit.training.run import (RunHooks, RunResult, TrainedModel, checkpoint_saver, finish_run, run_tokenizer,
+                                 start_run, write_run_config)
 from vlmkit.training.trainer import Trainer, param_groups
 
-
-@dataclass
-class VlmRun:
-    model_dir: Path
-    results: dict
-    status: str
-
-
-def load_vision_tower(path: str | Path) -> tuple[VisionConfig, dict[str, torch.Tensor], dict]:
-    """The vision config, vision weights and image preprocessing of a Stage 1 or Stage 2 checkpoint."""
-    path = Path(path)
-    config = read_config(path)
-    if config["kind"] == "dual_encoder":
-        vision, prefix = DualEncoderConfig.from_dict(config["model"], f"{path}/config.json model").vision, "vision."
-    elif config["kind"] == "vlm":
-        vision, prefix = VLMConfig.from_dict(config["model"], f"{path}/config.json model").vision, "vision_tower."
-    else:
-        raise ValueError(f"{path}: vision_init needs a dual_encoder or vlm checkpoint, got kind {config['kind']!r}")
-    state = {k[len(prefix):]: v for k, v in load_file(str(path / "model.safetensors")).items() if k.startswith(prefix)}
-    pre_file = path / "preprocessor.json"
-    preprocessor = json.loads(pre_file.read_text()) if pre_file.is_file() else {}
-    return vision, state, preprocessor
+log = logging.getLogger(__name__)
 
 
 def encode_all(data: ConversationSet, tokenizer: LMTokenizer, image_tokens: int, max_length: int) -> tuple[list[Encoded], int]:
@@ -92,17 +70,16 @@ def optimizer_groups(model: VisionLanguageModel, phase: PhaseConfig) -> list[dic
     return [g for g in groups + vision if g["params"]]
 
 
-def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progress: bool = True) -> VlmRun:
-    distributed.init_distributed()
+def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progress: bool = True,
+              hooks: RunHooks | None = None) -> RunResult:
     out_dir = Path(out_dir)
-    device = distributed.default_device()
-    torch.manual_seed(cfg.align.train.seed)
+    device = start_run(cfg.align.train.seed)
     model_cfg = cfg.model
 
     # ---- the eyes: a Stage 1 vision tower fixes the vision config and the preprocessing
     vision_state, data_cfg = None, cfg.data
     if cfg.vision_init:
-        vision_cfg, vision_state, pre = load_vision_tower(cfg.vision_init)
+        vision_cfg, vision_state, pre = read_vision_tower(cfg.vision_init)
         model_cfg = model_cfg.replace(vision=vision_cfg.to_dict())
         data_cfg = data_cfg.replace(image_size=pre.get("size", vision_cfg.image_size),
                                     resize_mode=pre.get("resize_mode", data_cfg.resize_mode),
@@ -112,15 +89,12 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
         # shortest-edge resize and rescale factor, which the data config has no fields for.
         transform = ImageTransform.from_dict(pre)
     else:
-        transform = ImageTransform(size=data_cfg.image_size or model_cfg.vision.image_size,
-                                   resize_mode=data_cfg.resize_mode, mean=data_cfg.mean, std=data_cfg.std)
+        transform = ImageTransform.for_data(data_cfg, model_cfg.vision.image_size)
 
     # ---- data
     train_set = build_set(data_cfg, "train", data_cfg.train_size, transform)
-    eval_set = build_set(data_cfg, "test", data_cfg.eval_size, transform, source=data_cfg.eval_source)
-    for name, s in (("training", train_set), ("evaluation", eval_set)):
-        if s.dropped:
-            print(f"[vlmkit] {s.dropped} {name} conversations dropped: their images could not be read")
+    if train_set.dropped:
+        log.warning(f"{train_set.dropped} training conversations dropped: their images could not be read")
 
     # ---- the brain: a pretrained LM (its tokenizer comes with it) or a small one from scratch
     lm_state = None
@@ -131,8 +105,9 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
         decoder_cfg, lm_state = lm.cfg, lm.state_dict()
         del lm
     else:
-        tokenizer = LMTokenizer.train([render_chatml(c.messages) for c in train_set.conversations],
-                                      vocab_size=cfg.tokenizer_vocab)
+        tokenizer = run_tokenizer(out_dir, resume, lambda: LMTokenizer.train(
+            [render_chatml(c.messages) for c in train_set.conversations], vocab_size=cfg.tokenizer_vocab),
+            LMTokenizer.from_pretrained)
         decoder_cfg = model_cfg.decoder.replace(vocab_size=tokenizer.vocab_size)
     model_cfg = model_cfg.replace(decoder=decoder_cfg.to_dict(), image_token_id=tokenizer.image_id)
     model = VisionLanguageModel(model_cfg)
@@ -145,22 +120,13 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
     max_length = min(data_cfg.max_length, decoder_cfg.max_positions)
     encoded, too_long = encode_all(train_set, tokenizer, model_cfg.image_tokens, max_length)
     if too_long:
-        print(f"[vlmkit] {too_long} training conversations skipped: longer than data.max_length={max_length} tokens")
-    preprocessor = transform.to_dict()
+        log.warning(f"{too_long} training conversations skipped: longer than data.max_length={max_length} tokens")
     run_config = {**cfg.to_dict(), "model": model_cfg.to_dict(), "data": data_cfg.to_dict()}
-    if distributed.is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
-
-    def save_model(path: Path, state: dict | None = None):
-        save_checkpoint(path, model, "vlm", model_cfg.to_dict(), tokenizer, preprocessor, state,
-                        extra_files={"metrics.jsonl": path.parent.parent / "metrics.jsonl"} if state else None)
-
-    eval_probe = list(range(0, len(eval_set), max(1, len(eval_set) // 300)))[:300]
-
-    def eval_fn(net):
-        results, _ = evaluate_vlm(model, tokenizer, _subset(eval_set, eval_probe), progress=False)
-        return headline(results)
+    write_run_config(out_dir, run_config)
+    trained = TrainedModel(model, tokenizer, transform, VlmRunConfig.from_dict(run_config, "run config"), out_dir,
+                           device, progress)
+    save = checkpoint_saver(model, "vlm", model_cfg.to_dict(), tokenizer, transform, run_config)
+    eval_fn = (lambda net: hooks.evaluate(trained)) if hooks is not None else None
 
     if not (resume and any((out_dir / n / "checkpoints").is_dir() or (out_dir / n / "model").is_dir()
                            for n in ("align", "instruct"))):
@@ -206,29 +172,19 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
                          positions=batch["positions"], logits_at=where)
             return answer_loss(logits, batch["labels"]), {"answer_tokens": float(where.sum())}
 
-        trainer = Trainer(model, phase.train, phase_dir, batch_fn, loss_fn, save_model, eval_fn, device,
+        trainer = Trainer(model, phase.train, phase_dir, batch_fn, loss_fn, save, eval_fn, device,
                           groups=optimizer_groups(model, phase))
         trainer.log(f"phase {name}: {len(rows)} conversations per epoch, "
                     f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
         if resume:
             trainer.resume()
-        status = trainer.fit()
-        if status != "done":
-            return VlmRun(out_dir / "model", {}, status)
+        if trainer.fit() != "done":
+            return RunResult(out_dir / "model", {}, "interrupted")
         merge_lora(model)
         if distributed.is_main():
-            save_model(phase_dir / "model")
+            save(phase_dir / "model")
 
-    # ---- the finished model, scored on held-out images
-    model.eval()
-    results, records = evaluate_vlm(model, tokenizer, eval_set, progress=progress)
-    if distributed.is_main():
-        save_model(out_dir / "model")
-        write_report(results, out_dir, "eval", "Stage 2 evaluation (held-out images)")
-        with open(out_dir / "answers.jsonl", "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-    return VlmRun(out_dir / "model", results, "done")
+    return finish_run(trained, hooks, save)
 
 
 @torch.no_grad()
@@ -259,6 +215,3 @@ def _frozen_vision_tokens(model: VisionLanguageModel, data: ConversationSet, row
         cache[chunk] = tokens
     return cache
 
-
-def _subset(data: ConversationSet, indices: list[int]) -> ConversationSet:
-    return ConversationSet(data.images, [data.conversations[i] for i in indices], data.dropped)

@@ -2,12 +2,13 @@
 
 It knows nothing of models or data: a recipe hands it a model, a function that builds
 the batch for (step, micro_step), a loss function, an evaluation function and a save
-function. Batches are a pure function of the step, so a resumed run sees exactly the
+function (`run.checkpoint_saver`). Batches are a pure function of the step, so a resumed run sees exactly the
 data an uninterrupted run would have seen, and reaches the same loss.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import signal
@@ -24,6 +25,7 @@ from vlmkit.checkpoint import latest_checkpoint, load_trainer_state, load_weight
 from vlmkit.config import TrainConfig
 from vlmkit.training import distributed
 
+logger = logging.getLogger(__name__)
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -57,7 +59,7 @@ class Trainer:
         out_dir: str | Path,
         batch_fn: Callable[[int, int], Any],
         loss_fn: LossFn,
-        save_fn: Callable[[Path, dict | None], None],
+        save_fn: Callable[[Path, dict | None, Path | None], None],
         eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
         device: torch.device | None = None,
         groups: list[dict] | None = None,
@@ -105,7 +107,7 @@ class Trainer:
         if not distributed.is_main():
             return None
         path = self.checkpoint_dir / f"step-{self.step:07d}"
-        self.save_fn(path, self.state())
+        self.save_fn(path, self.state(), self.metrics_path)
         old = sorted(p for p in self.checkpoint_dir.glob("step-*") if p.is_dir())[: -self.cfg.keep_checkpoints]
         for p in old:
             shutil.rmtree(p, ignore_errors=True)
@@ -114,7 +116,7 @@ class Trainer:
     # ---- logging ---------------------------------------------------------------
     def log(self, message: str) -> None:
         if distributed.is_main():
-            tqdm.write(f"[vlmkit] {message}")
+            logger.info(message)
 
     def record(self, entry: dict[str, Any]) -> None:
         if distributed.is_main():

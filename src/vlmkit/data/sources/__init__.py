@@ -5,6 +5,8 @@ import inspect
 import os
 from typing import Any
 
+from vlmkit.config import DataConfig
+
 from .base import Example, Source
 from .digits import Digits
 from .easy_vqa import EasyVQA
@@ -45,5 +47,14 @@ def build_source(name: str, split: str = "train", **kwargs: Any) -> Source:
                      "or a path to a .jsonl/.csv captions file or a folder holding one")
 
 
-__all__ = ["SOURCES", "build_source", "Example", "Source", "Shapes", "FashionMNIST",
+def source_for(data: DataConfig, split: str, size: int | None = None) -> Source:
+    """The source a Stage 1 data config names, for one split; `size` sets how many scenes a
+    generated world (`shapes`) makes."""
+    kwargs = dict(data.source_options)
+    if size is not None and data.source == "shapes":
+        kwargs["size"] = size
+    return build_source(data.source, split, **kwargs)
+
+
+__all__ = ["SOURCES", "build_source", "source_for", "Example", "Source", "Shapes", "FashionMNIST",
            "Digits", "EasyVQA", "ImageTextPairs", "ShapesVQA"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from ..conversation import IMAGE_PLACEHOLDER, Conversation, Message
+from ..conversation import IMAGE_TOKEN, Conversation, Message
 from ..images import load_image
 from .base import Example, Source
 
@@ -104,7 +104,7 @@ class EasyVQA(Source):
         for i, (question, answer, image_id) in enumerate(self.questions):
             if image_id not in rows:
                 raise ValueError(f"easy_vqa {self.split} question {i}: image id {image_id} has no image")
-            convs.append(Conversation([Message("user", f"{IMAGE_PLACEHOLDER}\n{question}"),
+            convs.append(Conversation([Message("user", f"{IMAGE_TOKEN}\n{question}"),
                                        Message("assistant", answer)], [rows[image_id]],
                                       {"kind": question_kind(answer, f"easy_vqa {self.split} question {i}"),
                                        "answer": answer, "question": question}))

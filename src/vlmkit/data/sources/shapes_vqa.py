@@ -13,9 +13,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from vlmkit.evaluation import grounding
-
-from ..conversation import IMAGE_PLACEHOLDER, Conversation, Message
+from .. import boxes
+from ..conversation import IMAGE_TOKEN, Conversation, Message
 from .base import Example, Source
 from .shapes import COLOURS, SHAPES, Obj, Scene, Shapes, caption
 
@@ -37,12 +36,12 @@ class QA:
 def format_box(box: Sequence[float], image_size: int | tuple[int, int]) -> str:
     """Pixel box (x0, y0, x1, y1) -> "[x0, y0, x1, y1]" in integer percent (0..100) of the image.
 
-    The one box format of training data and evaluation lives in `evaluation/grounding.py`.
+    The one box format of training data and evaluation lives in `data/boxes.py`.
     """
     w, h = (image_size, image_size) if isinstance(image_size, int) else image_size
     if w <= 0 or h <= 0:
         raise ValueError(f"image_size must be positive, got {image_size!r}")
-    return grounding.format_box(box, w, h)
+    return boxes.format_box(box, w, h)
 
 
 def _article(word: str) -> str:
@@ -194,7 +193,7 @@ class ShapesVQA(Source):
             meta = {"kind": qa.kind, "answer": qa.answer, "question": qa.question}
             if qa.box is not None:
                 meta.update(box=list(qa.box), image_size=scene.image_size)
-            convs.append(Conversation([Message("user", f"{IMAGE_PLACEHOLDER}\n{qa.question}"),
+            convs.append(Conversation([Message("user", f"{IMAGE_TOKEN}\n{qa.question}"),
                                        Message("assistant", qa.answer)], [index], meta))
         return convs
 

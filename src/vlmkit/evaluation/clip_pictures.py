@@ -1,4 +1,4 @@
-"""The pictures every Stage 1 run writes: similarity matrix, embedding map, loss curve."""
+"""The pictures of a finished Stage 1 run: similarity matrix, embedding map, loss curve."""
 from __future__ import annotations
 
 import json
