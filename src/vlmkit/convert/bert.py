@@ -1,7 +1,7 @@
 """BERT (`BertModel`, Hugging Face layout) -> vlmkit TextEncoder.
 
-The key mapping is explicit and total: every source tensor is either mapped or on the
-short list of tensors BERT keeps that a mean-pooled encoder does not use; anything else,
+The key rules (`keymap`) are explicit and total: every source tensor is either mapped or on
+the short list of tensors BERT keeps that a mean-pooled encoder does not use; anything else,
 or anything missing, or a wrong shape, is an error naming the key.
 """
 from __future__ import annotations
@@ -13,9 +13,12 @@ import torch
 
 from vlmkit.config import TextConfig
 from vlmkit.convert.hf_io import ConversionError, read_weights
+from vlmkit.convert.keymap import Rule, act_from_hf, block_rules, check, pair, reject_unexpected, to_ours, weight_bias
 
 IGNORED = ("pooler.dense.weight", "pooler.dense.bias", "embeddings.position_ids")
-SUPPORTED_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+_BLOCK_NAMES = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+                "attn.out": "attention.output.dense", "norm1": "attention.output.LayerNorm",
+                "norm2": "output.LayerNorm", "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
 
 
 def minilm_path() -> Path:
@@ -38,16 +41,14 @@ def resolve(path: str | Path) -> Path:
 def text_config(hf: dict, max_length: int = 64) -> TextConfig:
     if hf.get("model_type", "bert") != "bert":
         raise ConversionError(f"model_type {hf.get('model_type')!r} is not BERT; supported: bert")
-    act = hf.get("hidden_act", "gelu")
-    if act not in SUPPORTED_ACTS:
-        raise ConversionError(f"hidden_act {act!r} is not supported; supported: {sorted(SUPPORTED_ACTS)}")
+    act = act_from_hf(hf.get("hidden_act", "gelu"), "hidden_act")
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise ConversionError("only absolute position embeddings are supported")
     return TextConfig(
         vocab_size=hf["vocab_size"], width=hf["hidden_size"], depth=hf["num_hidden_layers"],
         heads=hf["num_attention_heads"], mlp_dim=hf["intermediate_size"],
         max_positions=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
-        act=SUPPORTED_ACTS[act], norm_eps=hf.get("layer_norm_eps", 1e-12),
+        act=act, norm_eps=hf.get("layer_norm_eps", 1e-12),
         max_length=min(max_length, hf["max_position_embeddings"]),
     )
 
@@ -60,33 +61,20 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _rules(cfg: TextConfig) -> list[Rule]:
+    D = cfg.width
+    return ([pair("word_embed.weight", "embeddings.word_embeddings.weight", (cfg.vocab_size, D)),
+             pair("pos_embed.weight", "embeddings.position_embeddings.weight", (cfg.max_positions, D)),
+             pair("type_embed.weight", "embeddings.token_type_embeddings.weight", (cfg.type_vocab_size, D)),
+             *weight_bias("norm_embed", "embeddings.LayerNorm", (D,))]
+            + block_rules(cfg.depth, "encoder.layer", _BLOCK_NAMES, D, cfg.mlp_dim))
+
+
 def map_bert_state(src: dict[str, torch.Tensor], cfg: TextConfig) -> dict[str, torch.Tensor]:
     """HF BertModel tensors -> TextEncoder state dict (Q, K, V fused into one matrix)."""
     src = dict(src)
-    take = src.pop
-    try:
-        out = {
-            "word_embed.weight": take("embeddings.word_embeddings.weight"),
-            "pos_embed.weight": take("embeddings.position_embeddings.weight"),
-            "type_embed.weight": take("embeddings.token_type_embeddings.weight"),
-            "norm_embed.weight": take("embeddings.LayerNorm.weight"),
-            "norm_embed.bias": take("embeddings.LayerNorm.bias"),
-        }
-        for i in range(cfg.depth):
-            s, d = f"encoder.layer.{i}.", f"blocks.{i}."
-            for part in ("weight", "bias"):
-                out[d + f"attn.qkv.{part}"] = torch.cat(
-                    [take(s + f"attention.self.{n}.{part}") for n in ("query", "key", "value")])
-                out[d + f"attn.out.{part}"] = take(s + f"attention.output.dense.{part}")
-                out[d + f"norm1.{part}"] = take(s + f"attention.output.LayerNorm.{part}")
-                out[d + f"mlp.fc1.{part}"] = take(s + f"intermediate.dense.{part}")
-                out[d + f"mlp.fc2.{part}"] = take(s + f"output.dense.{part}")
-                out[d + f"norm2.{part}"] = take(s + f"output.LayerNorm.{part}")
-    except KeyError as e:
-        raise ConversionError(f"BERT checkpoint is missing tensor {e.args[0]}") from None
-    leftover = sorted(k for k in src if k not in IGNORED)
-    if leftover:
-        raise ConversionError(f"unexpected BERT tensors: {leftover[:5]}")
+    out = to_ours(_rules(cfg), src, "BERT")
+    reject_unexpected((k for k in src if k not in IGNORED), "BERT")
     return out
 
 
@@ -101,8 +89,5 @@ def load_bert(path: str | Path, max_length: int = 64):
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face BERT directory)")
     cfg = text_config(json.loads(config_file.read_text()), max_length)
     state = map_bert_state(_read_weights(path), cfg)
-    expected = TextEncoder(cfg).state_dict()
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise ConversionError(f"{key}: shape {list(tensor.shape)}, config expects {list(expected[key].shape)}")
+    check(state, TextEncoder(cfg).state_dict(), f"{path} (as a vlmkit TextEncoder)")
     return cfg, state, Tokenizer.from_pretrained(path)

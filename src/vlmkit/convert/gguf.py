@@ -10,14 +10,15 @@ Two details matter for exact parity with Hugging Face:
 
 * GGUF lists a tensor's dimensions fastest-first (`ne0` = input features), the reverse of
   PyTorch's; the dequantized array already has PyTorch's row-major shape, and every
-  declared shape is checked against the config before anything is read.
+  declared shape is checked against the config before anything is dequantized.
 * For the `llama` architecture llama.cpp's converter permutes the rows of the Q and K
   projections (per head, from the "rotate half" RoPE layout Hugging Face uses to the
   interleaved-pairs layout ggml uses). `_unpermute_rope_rows` undoes it. `qwen2` files use
   ggml's NEOX RoPE, which is already the rotate-half layout, so they are not permuted.
 
-Like `convert/bert.py`, the tensor map is explicit and total: a missing tensor, an extra
-one, or a wrong shape is a `ConversionError` naming the key and the shapes.
+The tensor map is the Llama table of `hf_llama` under llama.cpp's names, explicit and
+total: a missing tensor, an extra one, or a wrong shape is a `ConversionError` naming the
+key and the shapes.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ import torch
 
 from vlmkit.config import DecoderConfig
 from vlmkit.convert.hf_io import ConversionError
+from vlmkit.convert.hf_llama import decoder_rules
+from vlmkit.convert.keymap import reject_unexpected, their_shapes, to_ours
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -66,6 +69,10 @@ SUPPORTED_PRE_TOKENIZERS: dict[str, str | None] = {
 }
 
 TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4   # llama.cpp's token_type codes
+# DecoderLM's parts by role (see hf_llama.HF_NAMES), as llama.cpp names them.
+GGUF_NAMES = {"embed": "token_embd", "layers": "blk", "norm1": "attn_norm", "q": "attn_q", "k": "attn_k",
+              "v": "attn_v", "out": "attn_output", "norm2": "ffn_norm", "gate": "ffn_gate", "up": "ffn_up",
+              "down": "ffn_down", "norm": "output_norm"}
 
 
 # --------------------------------------------------------------------------- files
@@ -154,31 +161,6 @@ def decoder_config(reader, max_positions: int | None = None) -> DecoderConfig:
 
 
 # --------------------------------------------------------------------------- tensors
-def _expected_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
-    """Every GGUF tensor this config needs, with its PyTorch-order shape."""
-    q, kv = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (cfg.vocab_size, cfg.width),
-                                          "output_norm.weight": (cfg.width,)}
-    if not cfg.tie_embeddings:
-        shapes["output.weight"] = (cfg.vocab_size, cfg.width)
-    for i in range(cfg.depth):
-        b = f"blk.{i}."
-        shapes.update({
-            b + "attn_norm.weight": (cfg.width,),
-            b + "attn_q.weight": (q, cfg.width),
-            b + "attn_k.weight": (kv, cfg.width),
-            b + "attn_v.weight": (kv, cfg.width),
-            b + "attn_output.weight": (cfg.width, q),
-            b + "ffn_norm.weight": (cfg.width,),
-            b + "ffn_gate.weight": (cfg.mlp_dim, cfg.width),
-            b + "ffn_up.weight": (cfg.mlp_dim, cfg.width),
-            b + "ffn_down.weight": (cfg.width, cfg.mlp_dim),
-        })
-        if cfg.attention_bias:
-            shapes.update({b + "attn_q.bias": (q,), b + "attn_k.bias": (kv,), b + "attn_v.bias": (kv,)})
-    return shapes
-
-
 def _unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K row permutation (works on a weight [rows, in] or a bias [rows]).
 
@@ -201,13 +183,11 @@ def _dequantize(tensor) -> torch.Tensor:
 
 def read_tensors(reader, cfg: DecoderConfig) -> dict[str, torch.Tensor]:
     """GGUF tensors -> DecoderLM state dict (Q/K un-permuted, Q|K|V and gate|up fused)."""
-    arch = _field(reader, "general.architecture")
-    expected = _expected_shapes(cfg)
+    permuted_qk = SUPPORTED_ARCHITECTURES[_field(reader, "general.architecture")].permuted_qk
+    rules = decoder_rules(cfg, "", "output.weight", GGUF_NAMES)
+    expected = their_shapes(rules)
     found = {t.name: t for t in reader.tensors}
-    unexpected = sorted(set(found) - set(expected))
-    if unexpected:
-        raise ConversionError(f"unexpected GGUF tensors for a {cfg.depth}-layer {arch} model: {unexpected[:5]}"
-                              + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
+    reject_unexpected(set(found) - set(expected), "GGUF")
     missing = [name for name in expected if name not in found]
     if missing:
         raise ConversionError(f"GGUF file is missing tensor {missing[0]} (shape {list(expected[missing[0]])})"
@@ -217,30 +197,17 @@ def read_tensors(reader, cfg: DecoderConfig) -> dict[str, torch.Tensor]:
         if declared != shape:
             raise ConversionError(f"{name}: shape {list(declared)} in the file, config expects {list(shape)}")
 
-    def take(name: str) -> torch.Tensor:
-        tensor = _dequantize(found[name])
-        if tuple(tensor.shape) != expected[name]:
-            raise ConversionError(f"{name}: dequantized to shape {list(tensor.shape)}, "
-                                  f"config expects {list(expected[name])}")
-        if SUPPORTED_ARCHITECTURES[arch].permuted_qk:
-            if ".attn_q." in name:
-                tensor = _unpermute_rope_rows(tensor, cfg.heads)
-            elif ".attn_k." in name:
-                tensor = _unpermute_rope_rows(tensor, cfg.kv_heads)
+    def read(name: str, tensor) -> torch.Tensor:
+        tensor = _dequantize(tensor)
+        if permuted_qk and ".attn_q." in name:
+            return _unpermute_rope_rows(tensor, cfg.heads)
+        if permuted_qk and ".attn_k." in name:
+            return _unpermute_rope_rows(tensor, cfg.kv_heads)
         return tensor
 
-    out = {"embed.weight": take("token_embd.weight"), "norm.weight": take("output_norm.weight")}
-    out["lm_head.weight"] = out["embed.weight"] if cfg.tie_embeddings else take("output.weight")
-    for i in range(cfg.depth):
-        s, d = f"blk.{i}.", f"blocks.{i}."
-        out[d + "norm1.weight"] = take(s + "attn_norm.weight")
-        out[d + "attn.qkv.weight"] = torch.cat([take(s + f"attn_{n}.weight") for n in "qkv"])
-        if cfg.attention_bias:
-            out[d + "attn.qkv.bias"] = torch.cat([take(s + f"attn_{n}.bias") for n in "qkv"])
-        out[d + "attn.out.weight"] = take(s + "attn_output.weight")
-        out[d + "norm2.weight"] = take(s + "ffn_norm.weight")
-        out[d + "mlp.gate_up.weight"] = torch.cat([take(s + "ffn_gate.weight"), take(s + "ffn_up.weight")])
-        out[d + "mlp.down.weight"] = take(s + "ffn_down.weight")
+    out = to_ours(rules, found, "GGUF", read)
+    if cfg.tie_embeddings:   # the embedding itself, so that a strict load covers lm_head
+        out["lm_head.weight"] = out["embed.weight"]
     return out
 
 

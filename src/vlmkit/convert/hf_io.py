@@ -1,8 +1,9 @@
 """Hugging Face model directories: find, read and write them (config.json + safetensors).
 
-Shared by every `convert/` module, so each of them only holds its own key map. Weights are
-read from safetensors only (single file or sharded with `model.safetensors.index.json`);
-pickled `pytorch_model.bin` files are refused, since loading one can run arbitrary code.
+Shared by every `convert/` module, so each of them only holds its own key rules (`keymap`).
+Weights are read from safetensors only (single file or sharded with
+`model.safetensors.index.json`); pickled `pytorch_model.bin` files are refused, since loading
+one can run arbitrary code.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlmkit import checkpoint
+from vlmkit.checkpoint import atomic_dir, load_model
+from vlmkit.checkpoint import read_config as read_vlmkit_config
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -100,28 +102,13 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_state(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor | torch.Size],
-                what: str) -> None:
-    """Missing, unexpected or mis-shaped tensors are one error naming keys and shapes."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ConversionError(f"{what}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
-                              f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    for key, tensor in state.items():
-        want = expected[key]
-        want = tuple(want.shape) if isinstance(want, torch.Tensor) else tuple(want)
-        if tuple(tensor.shape) != want:
-            raise ConversionError(f"{what}: {key} has shape {list(tensor.shape)}, expected {list(want)}")
-
-
 def write_dir(path: str | Path, config: dict[str, Any], state: Mapping[str, torch.Tensor],
               side_files: Mapping[str, dict[str, Any] | str] | None = None) -> Path:
     """Write a Hugging Face directory atomically: config.json, model.safetensors, side files.
 
     A dict side file is written as JSON, a str as text (a chat template, merges, ...).
     """
-    with checkpoint.atomic_dir(path) as tmp:
+    with atomic_dir(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -133,7 +120,7 @@ def write_dir(path: str | Path, config: dict[str, Any], state: Mapping[str, torc
 
 def load_vlmkit(path: str | Path, kind: str) -> torch.nn.Module:
     """The model of a vlmkit checkpoint directory that must be of `kind` (for export)."""
-    found = checkpoint.read_config(path)["kind"]
+    found = read_vlmkit_config(path)["kind"]
     if found != kind:
         raise ConversionError(f"{path}: a vlmkit {found!r} checkpoint, not a {kind}")
-    return checkpoint.load_model(path)
+    return load_model(path)

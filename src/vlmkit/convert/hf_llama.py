@@ -14,15 +14,16 @@ Two layout differences, both undone exactly (no arithmetic touches a weight):
   is not a tensor of its own (as in `checkpoint.unique_state_dict`); transformers leaves
   `lm_head.weight` out of a tied checkpoint too.
 
-Both directions read one table of (vlmkit key, [(HF key, shape), ...]) entries, so import
-and export cannot drift apart. Like `convert/gguf.py`, the map is total: a missing tensor,
-a leftover one or a wrong shape is a `ConversionError` naming the key and the shapes.
-Weights are read from safetensors only (see `hf_io`). The `map_decoder_state` /
+Both directions read one table of key rules (`keymap`), which GGUF shares under llama.cpp's
+names, so import and export cannot drift apart. The map is total: a missing tensor, a
+leftover one or a wrong shape is a `ConversionError` naming the key and the shapes. Weights
+are read from safetensors only (see `hf_io`). The `map_decoder_state` /
 `decoder_state_to_hf` pair takes the key prefix, so the LLaVA converter reuses it for its
 language model.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ import torch
 from vlmkit.config import ConfigError, DecoderConfig
 from vlmkit.convert import hf_io
 from vlmkit.convert.hf_io import ConversionError
+from vlmkit.convert.keymap import Rule, check, fused, pair, to_ours, to_theirs
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -158,32 +160,34 @@ def decoder_config_to_hf(cfg: DecoderConfig, **extra: Any) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- key table
-def _entries(cfg: DecoderConfig, prefix: str, head_key: str) -> list[tuple[str, list[tuple[str, tuple[int, ...]]]]]:
-    """(vlmkit key, [(HF key, HF shape), ...]): one HF tensor, or the parts a fused one stacks on dim 0."""
+# DecoderLM's parts by role, as transformers names them (layers under `{prefix}layers.i.`).
+HF_NAMES = {"embed": "embed_tokens", "layers": "layers", "norm1": "input_layernorm", "q": "self_attn.q_proj",
+            "k": "self_attn.k_proj", "v": "self_attn.v_proj", "out": "self_attn.o_proj",
+            "norm2": "post_attention_layernorm", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+            "down": "mlp.down_proj", "norm": "norm"}
+
+
+def decoder_rules(cfg: DecoderConfig, prefix: str, head_key: str, names: Mapping[str, str] = HF_NAMES) -> list[Rule]:
+    """DecoderLM's tensors (tied lm_head absent) under a format's `names` for its parts."""
     D, F, V = cfg.width, cfg.mlp_dim, cfg.vocab_size
     q, kv = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    entries = [("embed.weight", [(f"{prefix}embed_tokens.weight", (V, D))])]
+    qkv = (("q", q), ("k", kv), ("v", kv))
+    rules = [pair("embed.weight", f"{prefix}{names['embed']}.weight", (V, D))]
     for i in range(cfg.depth):
-        hf, ours = f"{prefix}layers.{i}.", f"blocks.{i}."
-        attn = f"{hf}self_attn."
-        entries += [
-            (ours + "norm1.weight", [(hf + "input_layernorm.weight", (D,))]),
-            (ours + "attn.qkv.weight", [(attn + "q_proj.weight", (q, D)), (attn + "k_proj.weight", (kv, D)),
-                                        (attn + "v_proj.weight", (kv, D))]),
-        ]
+        s, d = f"{prefix}{names['layers']}.{i}.", f"blocks.{i}."
+        rules += [pair(d + "norm1.weight", f"{s}{names['norm1']}.weight", (D,)),
+                  fused(d + "attn.qkv.weight", [(f"{s}{names[n]}.weight", (rows, D)) for n, rows in qkv])]
         if cfg.attention_bias:
-            entries.append((ours + "attn.qkv.bias", [(attn + "q_proj.bias", (q,)), (attn + "k_proj.bias", (kv,)),
-                                                     (attn + "v_proj.bias", (kv,))]))
-        entries += [
-            (ours + "attn.out.weight", [(attn + "o_proj.weight", (D, q))]),
-            (ours + "norm2.weight", [(hf + "post_attention_layernorm.weight", (D,))]),
-            (ours + "mlp.gate_up.weight", [(hf + "mlp.gate_proj.weight", (F, D)), (hf + "mlp.up_proj.weight", (F, D))]),
-            (ours + "mlp.down.weight", [(hf + "mlp.down_proj.weight", (D, F))]),
-        ]
-    entries.append(("norm.weight", [(f"{prefix}norm.weight", (D,))]))
+            rules.append(fused(d + "attn.qkv.bias", [(f"{s}{names[n]}.bias", (rows,)) for n, rows in qkv]))
+        rules += [pair(d + "attn.out.weight", f"{s}{names['out']}.weight", (D, q)),
+                  pair(d + "norm2.weight", f"{s}{names['norm2']}.weight", (D,)),
+                  fused(d + "mlp.gate_up.weight", [(f"{s}{names['gate']}.weight", (F, D)),
+                                                   (f"{s}{names['up']}.weight", (F, D))]),
+                  pair(d + "mlp.down.weight", f"{s}{names['down']}.weight", (D, F))]
+    rules.append(pair("norm.weight", f"{prefix}{names['norm']}.weight", (D,)))
     if not cfg.tie_embeddings:
-        entries.append(("lm_head.weight", [(head_key, (V, D))]))
-    return entries
+        rules.append(pair("lm_head.weight", head_key, (V, D), note="tie_word_embeddings is false"))
+    return rules
 
 
 def expected_shapes(cfg: DecoderConfig) -> dict[str, torch.Size]:
@@ -212,19 +216,7 @@ def map_decoder_state(src: dict[str, torch.Tensor], cfg: DecoderConfig, prefix: 
         del src[key]
     if cfg.tie_embeddings:
         src.pop(head_key, None)
-    out = {}
-    for ours, parts in _entries(cfg, prefix, head_key):
-        tensors = []
-        for key, shape in parts:
-            if key not in src:
-                raise ConversionError(f"checkpoint is missing tensor {key} (expected shape {list(shape)})"
-                                      + (" (tie_word_embeddings is false)" if key == head_key else ""))
-            tensor = src.pop(key)
-            if tuple(tensor.shape) != shape:
-                raise ConversionError(f"tensor {key} has shape {list(tensor.shape)}, the config expects {list(shape)}")
-            tensors.append(tensor)
-        out[ours] = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
-    return out
+    return to_ours(decoder_rules(cfg, prefix, head_key), src, "language model")
 
 
 def decoder_state_to_hf(state: dict[str, torch.Tensor], cfg: DecoderConfig, prefix: str = "model.",
@@ -233,17 +225,7 @@ def decoder_state_to_hf(state: dict[str, torch.Tensor], cfg: DecoderConfig, pref
     state = dict(state)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)   # the embedding itself under a second name
-    hf_io.check_state(state, expected_shapes(cfg), "DecoderLM state")
-    out = {}
-    for ours, parts in _entries(cfg, prefix, head_key):
-        tensor = state[ours].detach()
-        if len(parts) == 1:
-            out[parts[0][0]] = tensor
-        else:
-            # Cloned: safetensors refuses tensors that share storage.
-            pieces = tensor.split([shape[0] for _, shape in parts])
-            out.update((key, piece.clone()) for (key, _), piece in zip(parts, pieces))
-    return out
+    return to_theirs(decoder_rules(cfg, prefix, head_key), state, "DecoderLM state")
 
 
 # ----------------------------------------------------------------------------- import
@@ -274,7 +256,7 @@ def load_hf_decoder(path: str | Path, max_positions: int | None = None):
         raise ConversionError(f"unexpected tensors for a {cfg.depth}-layer {hf['model_type']} model: "
                               + ", ".join(f"{k} {list(src[k].shape)}" for k in leftover[:5])
                               + (f" and {len(leftover) - 5} more" if len(leftover) > 5 else ""))
-    hf_io.check_state(state, expected_shapes(cfg), f"{path} (as a vlmkit DecoderLM)")
+    check(state, expected_shapes(cfg), f"{path} (as a vlmkit DecoderLM)")
     # bf16 / fp16 checkpoints become fp32, the dtype DecoderLM computes in.
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     return cfg, state, _tokenizer(path)

@@ -2,7 +2,7 @@
 
 A LLaVA directory is three models in one file plus the glue between them:
 
-* the vision tower (CLIP, SigLIP or plain ViT; mapped by `hf_clip` / `hf_vit`),
+* the vision tower (CLIP, SigLIP or plain ViT; mapped by `hf_clip_vision` / `hf_vit`),
 * `multi_modal_projector.linear_1 / linear_2` (vlmkit's `mlp` projector, `net.fc1 / net.fc2`),
 * the language model (Llama or Qwen2; mapped by `hf_llama`),
 
@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.config import ProjectorConfig, VisionConfig, VLMConfig
+from vlmkit.config import IMAGE_TOKEN, ProjectorConfig, VisionConfig, VLMConfig
 from vlmkit.convert import hf_io
 from vlmkit.convert.hf_io import ConversionError
+from vlmkit.convert.keymap import Rule, check, pair, reject_unexpected, to_ours, to_theirs
 
 VISION_TYPES = ("clip_vision_model", "siglip_vision_model", "vit")
 # LlavaConfig's own defaults for a vision_config that leaves keys out (llava-1.5's CLIP ViT-L/14-336).
@@ -47,7 +48,7 @@ def _vision_config_from_hf(hf: dict) -> tuple[VisionConfig, str]:
 
         return vit_config_from_hf(hf), model_type
     if model_type in ("clip_vision_model", "siglip_vision_model"):
-        from vlmkit.convert.hf_clip import vision_config_from_hf
+        from vlmkit.convert.hf_clip_vision import vision_config_from_hf
 
         return vision_config_from_hf(hf, model_type), model_type
     raise ConversionError(f"LLaVA vision tower model_type {model_type!r} is not supported; "
@@ -59,7 +60,7 @@ def _map_vision(src: dict, cfg: VisionConfig, model_type: str) -> dict:
         from vlmkit.convert.hf_vit import map_vit_state
 
         return map_vit_state(src, cfg)
-    from vlmkit.convert.hf_clip import map_vision_state
+    from vlmkit.convert.hf_clip_vision import map_vision_state
 
     state = map_vision_state(src, cfg, "", model_type)
     for key in [k for k in src if k.startswith("head.")]:  # SigLIP's pooling head: LLaVA reads hidden states
@@ -85,7 +86,7 @@ def _vision_to_hf(state: dict, cfg: VisionConfig, model_type: str) -> tuple[dict
         from vlmkit.convert.hf_vit import vit_config_to_hf, vit_state_to_hf
 
         return vit_config_to_hf(cfg), vit_state_to_hf(state, cfg, "vision_tower.")
-    from vlmkit.convert.hf_clip import vision_config_to_hf, vision_state_to_hf
+    from vlmkit.convert.hf_clip_vision import vision_config_to_hf, vision_state_to_hf
 
     hf = vision_config_to_hf(cfg, model_type)
     if model_type == "siglip_vision_model":
@@ -106,7 +107,7 @@ def _feature_layer_to_vlmkit(layer, depth: int) -> int:
     return ours
 
 
-def vlm_config_from_hf(hf: dict, image_token: str = "<image>") -> tuple[VLMConfig, str]:
+def vlm_config_from_hf(hf: dict, image_token: str = IMAGE_TOKEN) -> tuple[VLMConfig, str]:
     """(VLMConfig, the vision tower's HF model_type) for a LLaVA config.json."""
     from vlmkit.convert.hf_llama import decoder_config_from_hf
 
@@ -144,7 +145,7 @@ def _split_state(src: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
             rest = key.split("vision_tower.", 1)[1]
             vision[rest.removeprefix("vision_model.")] = tensor
         elif key.startswith(_PROJECTOR_PREFIXES):
-            projector[key.split("multi_modal_projector.", 1)[1]] = tensor
+            projector["multi_modal_projector." + key.split("multi_modal_projector.", 1)[1]] = tensor
         else:
             for theirs, ours in _LM_PREFIXES:
                 if key.startswith(theirs):
@@ -152,21 +153,22 @@ def _split_state(src: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
                     break
             else:
                 unknown.append(key)
-    if unknown:
-        raise ConversionError(f"unexpected LLaVA tensors: {unknown[:5]}")
+    reject_unexpected(unknown, "LLaVA")
     return vision, projector, lm
 
 
-def _map_projector(src: dict, cfg: VLMConfig) -> dict:
-    out = {}
-    for ours, theirs in (("fc1", "linear_1"), ("fc2", "linear_2")):
-        try:
-            out[f"multi_modal_projector.net.{ours}.weight"] = src.pop(f"{theirs}.weight")
-        except KeyError:
-            raise ConversionError(f"LLaVA checkpoint is missing tensor multi_modal_projector.{theirs}.weight") from None
-        bias = src.pop(f"{theirs}.bias", None)  # multimodal_projector_bias=false: a zero bias is the same map
-        out[f"multi_modal_projector.net.{ours}.bias"] = bias if bias is not None else torch.zeros(cfg.decoder.width)
-    return out
+def _projector_rules(cfg: VLMConfig) -> list[Rule]:
+    """linear_1 / linear_2 <-> the `mlp` projector's net.fc1 / net.fc2.
+
+    multimodal_projector_bias=false leaves the biases out: a zero bias is the same map.
+    """
+    hidden = cfg.projector.hidden or cfg.decoder.width
+    rules = []
+    for ours, theirs, shape in (("fc1", "linear_1", (hidden, cfg.vision.width)),
+                                ("fc2", "linear_2", (cfg.decoder.width, hidden))):
+        o, t = f"multi_modal_projector.net.{ours}.", f"multi_modal_projector.{theirs}."
+        rules += [pair(o + "weight", t + "weight", shape), pair(o + "bias", t + "bias", shape[:1], optional=True)]
+    return rules
 
 
 def load_hf_llava(path: str | Path):
@@ -178,19 +180,17 @@ def load_hf_llava(path: str | Path):
 
     path = Path(path)
     image_processor = hf_io.read_image_processor(path)
-    image_token = (hf_io.read_json(path, "processor_config.json") or {}).get("image_token", "<image>")
+    image_token = (hf_io.read_json(path, "processor_config.json") or {}).get("image_token", IMAGE_TOKEN)
     cfg, vision_type = vlm_config_from_hf(hf_io.read_config(path), image_token)
     vision, projector, lm = _split_state(hf_io.read_weights(path))
     state = {f"vision_tower.{k}": v for k, v in _map_vision(vision, cfg.vision, vision_type).items()}
-    state.update(_map_projector(projector, cfg))
+    state.update(to_ours(_projector_rules(cfg), projector, "LLaVA"))
     state.update({f"language_model.{k}": v for k, v in map_decoder_state(lm, cfg.decoder, "model.", "lm_head.weight").items()})
-    leftover = sorted([f"vision_tower.{k}" for k in vision] + [f"multi_modal_projector.{k}" for k in projector]
-                      + [f"language_model.{k}" for k in lm])
-    if leftover:
-        raise ConversionError(f"unexpected LLaVA tensors: {leftover[:5]}")
+    reject_unexpected([f"vision_tower.{k}" for k in vision] + list(projector) + [f"language_model.{k}" for k in lm],
+                      "LLaVA")
     from vlmkit.checkpoint import unique_state_dict
 
-    hf_io.check_state(state, unique_state_dict(VisionLanguageModel(cfg)), f"{path} (as a vlmkit VLM)")
+    check(state, unique_state_dict(VisionLanguageModel(cfg)), f"{path} (as a vlmkit VLM)")
     tokenizer = LMTokenizer.from_pretrained(path)
     if tokenizer.token_id(image_token) != cfg.image_token_id:
         raise ConversionError(f"the tokenizer maps {image_token!r} to {tokenizer.token_id(image_token)}, "
@@ -258,9 +258,8 @@ def save_hf_llava(source, out: str | Path) -> Path:
         suppress = list(range(cfg.decoder.vocab_size, decoder_cfg.vocab_size))
 
     vision_hf, tensors = _vision_to_hf(sub("vision_tower."), cfg.vision, vision_type)
-    for ours, theirs in (("fc1", "linear_1"), ("fc2", "linear_2")):
-        for part in ("weight", "bias"):
-            tensors[f"multi_modal_projector.{theirs}.{part}"] = state[f"multi_modal_projector.net.{ours}.{part}"]
+    projector = {k: v for k, v in state.items() if k.startswith("multi_modal_projector.")}
+    tensors.update(to_theirs(_projector_rules(cfg), projector, "VisionLanguageModel"))
     tensors.update(decoder_state_to_hf(lm_state, decoder_cfg, "language_model.model.", "language_model.lm_head.weight"))
 
     special = {"bos_token_id": None, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}

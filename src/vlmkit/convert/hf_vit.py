@@ -14,16 +14,16 @@ import torch
 
 from vlmkit.config import VisionConfig
 from vlmkit.convert.hf_io import ConversionError
+from vlmkit.convert.keymap import (ACTS_TO_HF, Rule, act_from_hf, block_rules, pair, prefixed, to_ours, to_theirs,
+                                   weight_bias)
 
-ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}
-_EXPORT_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
+_BLOCK_NAMES = {"q": "attention.attention.query", "k": "attention.attention.key", "v": "attention.attention.value",
+                "attn.out": "attention.output.dense", "norm1": "layernorm_before", "norm2": "layernorm_after",
+                "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
 _UNUSED = ("pooler.dense.weight", "pooler.dense.bias")  # ViTModel's tanh pooler; LLaVA never calls it
 
 
 def vit_config_from_hf(hf: dict) -> VisionConfig:
-    act = hf.get("hidden_act", "gelu")
-    if act not in ACTIVATIONS:
-        raise ConversionError(f"ViT hidden_act {act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
     size, patch = hf.get("image_size", 224), hf.get("patch_size", 16)
     if not isinstance(size, int) or not isinstance(patch, int):
         raise ConversionError(f"ViT image_size {size!r} / patch_size {patch!r}: only square sizes are supported")
@@ -31,7 +31,8 @@ def vit_config_from_hf(hf: dict) -> VisionConfig:
         image_size=size, patch_size=patch, channels=hf.get("num_channels", 3),
         width=hf.get("hidden_size", 768), depth=hf.get("num_hidden_layers", 12),
         heads=hf.get("num_attention_heads", 12), mlp_dim=hf.get("intermediate_size", 3072),
-        class_token=True, norm_pre=False, patch_bias=True, act=ACTIVATIONS[act],
+        class_token=True, norm_pre=False, patch_bias=True,
+        act=act_from_hf(hf.get("hidden_act", "gelu"), "vision_config.hidden_act"),
         norm_eps=hf.get("layer_norm_eps", 1e-12),
     )
 
@@ -44,43 +45,23 @@ def vit_config_to_hf(cfg: VisionConfig) -> dict:
     return {"model_type": "vit", "image_size": cfg.image_size, "patch_size": cfg.patch_size,
             "num_channels": cfg.channels, "hidden_size": cfg.width, "num_hidden_layers": cfg.depth,
             "num_attention_heads": cfg.heads, "intermediate_size": cfg.mlp_dim,
-            "hidden_act": _EXPORT_ACT[cfg.act], "layer_norm_eps": cfg.norm_eps, "qkv_bias": True}
+            "hidden_act": ACTS_TO_HF[cfg.act], "layer_norm_eps": cfg.norm_eps, "qkv_bias": True}
 
 
-def _pairs(cfg: VisionConfig):
-    """(vlmkit key, HF key) for every tensor but the fused Q/K/V."""
-    yield "class_token", "embeddings.cls_token"
-    yield "pos_embed", "embeddings.position_embeddings"
-    yield "patch_embed.weight", "embeddings.patch_embeddings.projection.weight"
-    yield "patch_embed.bias", "embeddings.patch_embeddings.projection.bias"
-    for i in range(cfg.depth):
-        s, d = f"encoder.layer.{i}.", f"blocks.{i}."
-        for part in ("weight", "bias"):
-            yield d + f"norm1.{part}", s + f"layernorm_before.{part}"
-            yield d + f"attn.out.{part}", s + f"attention.output.dense.{part}"
-            yield d + f"norm2.{part}", s + f"layernorm_after.{part}"
-            yield d + f"mlp.fc1.{part}", s + f"intermediate.dense.{part}"
-            yield d + f"mlp.fc2.{part}", s + f"output.dense.{part}"
-    yield "norm.weight", "layernorm.weight"
-    yield "norm.bias", "layernorm.bias"
+def _rules(cfg: VisionConfig) -> list[Rule]:
+    """qkv_bias=false checkpoints leave the Q/K/V biases out: vlmkit's attention always has one,
+    and zero is the same function."""
+    D, C, p, N = cfg.width, cfg.channels, cfg.patch_size, cfg.grid ** 2
+    return ([pair("class_token", "embeddings.cls_token", (1, 1, D)),
+             pair("pos_embed", "embeddings.position_embeddings", (1, N + 1, D)),
+             *weight_bias("patch_embed", "embeddings.patch_embeddings.projection", (D, C, p, p))]
+            + block_rules(cfg.depth, "encoder.layer", _BLOCK_NAMES, D, cfg.mlp_dim, optional_qkv_bias=True)
+            + weight_bias("norm", "layernorm", (D,)))
 
 
 def map_vit_state(src: dict[str, torch.Tensor], cfg: VisionConfig, prefix: str = "") -> dict[str, torch.Tensor]:
     """HF ViT tensors under `prefix` -> VisionTransformer keys, popped from `src`."""
-    def take(key: str) -> torch.Tensor:
-        try:
-            return src.pop(prefix + key)
-        except KeyError:
-            raise ConversionError(f"ViT checkpoint is missing tensor {prefix + key}") from None
-
-    out = {ours: take(theirs) for ours, theirs in _pairs(cfg)}
-    for i in range(cfg.depth):
-        s = f"encoder.layer.{i}.attention.attention."
-        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([take(s + f"{n}.weight") for n in ("query", "key", "value")])
-        if prefix + s + "query.bias" in src:
-            out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([take(s + f"{n}.bias") for n in ("query", "key", "value")])
-        else:  # qkv_bias=false: vlmkit's attention always has a bias, and zero is the same function
-            out[f"blocks.{i}.attn.qkv.bias"] = torch.zeros(3 * cfg.width)
+    out = to_ours(prefixed(_rules(cfg), theirs=prefix), src, "ViT")
     for key in _UNUSED:
         src.pop(prefix + key, None)
     return out
@@ -88,12 +69,7 @@ def map_vit_state(src: dict[str, torch.Tensor], cfg: VisionConfig, prefix: str =
 
 def vit_state_to_hf(state: dict[str, torch.Tensor], cfg: VisionConfig, prefix: str = "") -> dict[str, torch.Tensor]:
     """VisionTransformer state -> HF ViTModel tensors under `prefix` (the unused pooler as zeros)."""
-    out = {prefix + theirs: state[ours] for ours, theirs in _pairs(cfg)}
-    for i in range(cfg.depth):
-        s = prefix + f"encoder.layer.{i}.attention.attention."
-        for part in ("weight", "bias"):
-            for name, chunk in zip(("query", "key", "value"), state[f"blocks.{i}.attn.qkv.{part}"].chunk(3)):
-                out[s + f"{name}.{part}"] = chunk
+    out = to_theirs(prefixed(_rules(cfg), theirs=prefix), state, "VisionTransformer")
     # Written so `from_pretrained` reports no missing keys; LLaVA reads hidden states, not the pooler.
     out[prefix + "pooler.dense.weight"] = torch.zeros(cfg.width, cfg.width)
     out[prefix + "pooler.dense.bias"] = torch.zeros(cfg.width)
