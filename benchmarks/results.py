@@ -1,8 +1,10 @@
-"""Write benchmark figures into docs/RESULTS.md.
+"""Write measured figures as markdown sections: the benchmarks into docs/RESULTS.md, the
+experiments into a file under the folder they are given.
 
-Each benchmark owns one section (between HTML comment markers) that it replaces on every
-run, with the date, the commit and the command that produced it, so no number in the
-file is typed by hand.
+Each script owns one section (between HTML comment markers) that it replaces on every run,
+with the date, the commit and the command that produced it, so no number in the file is
+typed by hand. A section's table holds one figure per row: the last column is the value
+(one number, or one short text), the columns before it say what was measured.
 """
 from __future__ import annotations
 
@@ -16,15 +18,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "RESULTS.md"
-HEADER = "# vlmkit results\n\nEvery figure below is written by a script in `benchmarks/`; rerun it to refresh its section.\n"
+HEADER = ("# vlmkit results\n\nEvery figure below is written by a module in `benchmarks/` "
+          "(`python -m benchmarks.NAME` from the repository root); rerun it to refresh its section.\n")
 
 
 def _commit() -> str:
     try:
         sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                       cwd=ROOT, stderr=subprocess.DEVNULL).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--", "src", "benchmarks"], text=True,
-                                        cwd=ROOT).strip()
+        dirty = subprocess.check_output(["git", "status", "--porcelain", "--", "src", "benchmarks", "experiments"],
+                                        text=True, cwd=ROOT).strip()
         return sha + ("+uncommitted" if dirty else "")
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "unknown"
@@ -36,21 +39,44 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def write_section(name: str, title: str, rows: list[tuple[str, str]], notes: str = "") -> None:
-    """Replace section `name` of RESULTS.md with a table of (figure, value) rows."""
+def command() -> str:
+    """The command that started this process, as run from the repository root (`python -m PACKAGE.NAME ...`)."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        entry = "python -m " + ".".join(script.relative_to(ROOT).with_suffix("").parts)
+    except ValueError:
+        entry = f"python {sys.argv[0]}"
+    return " ".join([entry, *sys.argv[1:]])
+
+
+def write_section(name: str, title: str, rows: list[tuple[str, ...]], notes: str = "", *,
+                  columns: tuple[str, ...] = ("figure", "value"), target: Path | str = RESULTS,
+                  header: str | None = None) -> None:
+    """Replace section `name` of `target` (docs/RESULTS.md unless given) with a table, one figure per row.
+
+    rows: tuples as long as `columns`; the last item is the figure's value. `header` starts a
+    new file (default: RESULTS.md's own header for RESULTS.md, none elsewhere).
+    """
+    target = Path(target)
+    for row in rows:
+        if len(row) != len(columns):
+            raise ValueError(f"row {row!r} has {len(row)} cells; the table has columns {columns}")
     stamp = (f"{datetime.date.today().isoformat()}, commit {_commit()}, torch {torch.__version__}, {machine()}; "
-             f"command: `python {' '.join([Path(sys.argv[0]).resolve().relative_to(ROOT).as_posix(), *sys.argv[1:]])}`")
-    body = [f"<!-- {name}:start -->", f"## {title}", "", stamp, "", "| figure | value |", "|---|---|"]
-    body += [f"| {k} | {v} |" for k, v in rows]
+             f"command: `{command()}`")
+    body = [f"<!-- {name}:start -->", f"## {title}", "", stamp, "",
+            "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    body += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     if notes:
         body += ["", notes.strip()]
     body.append(f"<!-- {name}:end -->")
-    text = RESULTS.read_text() if RESULTS.exists() else HEADER
+    if header is None:
+        header = HEADER if target.resolve() == RESULTS else ""
+    text = target.read_text() if target.exists() else header
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     if start in text and end in text:
         text = text[: text.index(start)] + "\n".join(body) + text[text.index(end) + len(end):]
     else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(body) + "\n"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + "\n".join(body) + "\n"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
     print("\n".join(body[1:-1]))

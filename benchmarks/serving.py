@@ -1,10 +1,11 @@
 """Serving throughput and latency of `vlmkit serve` under concurrent clients.
 
-    python benchmarks/serving.py [--model DIR] [--quick] [--requests N] [--max-tokens N] [--repeats N]
+    python -m benchmarks.serving [--model DIR] [--quick] [--requests N] [--max-tokens N] [--repeats N]
+
+(from the repository root)
 
 The model is --model, else the trained demo model (runs/demo/stage2/model, written by
-`vlmkit demo`) when it exists, else a tiny random Stage 2 model saved to a temp dir whose
-greedy answers always run to max_tokens; the section says which. The server runs in this
+`vlmkit demo`); the section says which. The server runs in this
 process (uvicorn in a thread on a free 127.0.0.1 port) and async httpx clients send one
 fixed set of requests (a `shapes` image each, a question, greedy, streamed with usage) at
 concurrency 1, 4 and 16, and at 16 again on a server that decodes one request at a time
@@ -22,21 +23,16 @@ import base64
 import io
 import json
 import statistics
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import ROOT, write_section  # noqa: E402
-
-import vlmkit  # noqa: E402
-from vlmkit.data.lm_tokenizer import IMAGE_TOKEN  # noqa: E402
-from vlmkit.data.sources.shapes import Shapes  # noqa: E402
-from vlmkit.inference.assistant import Request  # noqa: E402
-from vlmkit.serving.local import BackgroundServer, stand_in_model  # noqa: E402
+import vlmkit
+from benchmarks.results import ROOT, write_section
+from vlmkit.data.lm_tokenizer import IMAGE_TOKEN
+from vlmkit.data.sources.shapes import Shapes
+from vlmkit.inference.assistant import Request
+from vlmkit.serving.local import BackgroundServer
 
 DEMO_MODEL = ROOT / "runs" / "demo" / "stage2" / "model"
 QUESTIONS = ("Describe the image.", "What colour is the shape?", "What shape is in the image?",
@@ -167,16 +163,20 @@ def median_run(runs: list[Run]) -> Run:
     return sorted(runs, key=lambda r: r.rps)[len(runs) // 2]
 
 
-def describe(run: Run, base: Run) -> str:
-    return (f"{run.rps:.2f} req/s, {run.tps:.1f} tok/s, latency p50 {run.pct('latency', .5):.3f} s / "
-            f"p95 {run.pct('latency', .95):.3f} s, first token p50 {run.pct('ttft', .5):.3f} s; "
-            f"speed-up {run.rps / base.rps:.2f}x")
+def describe(run: Run, base: Run) -> list[tuple[str, str]]:
+    """(figure, value) pairs for one setting."""
+    return [("requests/s", f"{run.rps:.2f}"),
+            ("generated tokens/s", f"{run.tps:.1f}"),
+            ("latency p50 (s)", f"{run.pct('latency', .5):.3f}"),
+            ("latency p95 (s)", f"{run.pct('latency', .95):.3f}"),
+            ("first token p50 (s)", f"{run.pct('ttft', .5):.3f}"),
+            ("speed-up over the baseline (requests/s)", f"{run.rps / base.rps:.2f}x")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help=f"a Stage 2 checkpoint directory (default: {DEMO_MODEL.relative_to(ROOT)} "
-                                        "if it exists, else a tiny random model)")
+                                        "written by `vlmkit demo`)")
     parser.add_argument("--quick", action="store_true", help="fewer requests and tokens: a short run")
     parser.add_argument("--requests", type=int, help="requests per setting (default 48, --quick 16)")
     parser.add_argument("--max-tokens", type=int, help="max_tokens of every request (default 32, --quick 16)")
@@ -188,54 +188,56 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 3)
     max_tokens = args.max_tokens or (16 if args.quick else 32)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.model:
-            path, which = Path(args.model), f"`{args.model}` (--model)"
-        elif (DEMO_MODEL / "config.json").exists():
-            path, which = DEMO_MODEL, f"the trained demo model `{DEMO_MODEL.relative_to(ROOT)}`"
-        else:
-            path = stand_in_model(Path(tmp) / "model")
-            which = (f"a tiny random Stage 2 model ({DEMO_MODEL.relative_to(ROOT)} does not exist; "
-                     "run `vlmkit demo` for a trained one)")
-        print(f"model: {which}", flush=True)
-        assistant = vlmkit.load(path, device=args.device)
-        if not hasattr(assistant, "stream_batch"):
-            raise SystemExit(f"{path} is not a Stage 2 (chat) model")
-        requests = make_requests(n)
+    if args.model:
+        path, which = Path(args.model), f"`{args.model}` (--model)"
+    elif (DEMO_MODEL / "config.json").exists():
+        path, which = DEMO_MODEL, f"the trained demo model `{DEMO_MODEL.relative_to(ROOT)}`"
+    else:
+        raise SystemExit(f"no model to serve: {DEMO_MODEL.relative_to(ROOT)} does not exist; run `vlmkit demo` "
+                         "first, or pass --model")
+    print(f"model: {which}", flush=True)
+    assistant = vlmkit.load(path, device=args.device)
+    if not hasattr(assistant, "stream_batch"):
+        raise SystemExit(f"{path} is not a Stage 2 (chat) model")
+    requests = make_requests(n)
 
-        # One untimed pass first: the first time each input shape is seen costs extra.
-        sequential(assistant, requests, max_tokens, warmup=0)
-        settings = [(c, 16) for c in CONCURRENCY] + [(CONCURRENCY[-1], 1)]
-        rounds: list[list[Run]] = [[] for _ in range(len(settings) + 1)]
-        for k in range(repeats):   # the settings take turns, so a busy spell hits them all alike
-            rounds[0].append(sequential(assistant, requests, max_tokens))
-            for i, (c, max_batch) in enumerate(settings, 1):
-                rounds[i].append(over_http(assistant, requests, c, max_tokens, max_batch))
-            print(f"round {k + 1}/{repeats}: " + ", ".join(f"{r[-1].rps:.1f}" for r in rounds) + " req/s", flush=True)
-        base, *runs = [median_run(r) for r in rounds]
-        for r in [base, *runs]:
-            print(f"{r.name}: {describe(r, base)}", flush=True)
+    # One untimed pass first: the first time each input shape is seen costs extra.
+    sequential(assistant, requests, max_tokens, warmup=0)
+    settings = [(c, 16) for c in CONCURRENCY] + [(CONCURRENCY[-1], 1)]
+    rounds: list[list[Run]] = [[] for _ in range(len(settings) + 1)]
+    for k in range(repeats):   # the settings take turns, so a busy spell hits them all alike
+        rounds[0].append(sequential(assistant, requests, max_tokens))
+        for i, (c, max_batch) in enumerate(settings, 1):
+            rounds[i].append(over_http(assistant, requests, c, max_tokens, max_batch))
+        print(f"round {k + 1}/{repeats}: " + ", ".join(f"{r[-1].rps:.1f}" for r in rounds) + " req/s", flush=True)
+    base, *runs = [median_run(r) for r in rounds]
+    for r in [base, *runs]:
+        print(f"{r.name}: " + ", ".join(f"{k} {v}" for k, v in describe(r, base)), flush=True)
 
     same = {r.name: sum(a.text == b.text for a, b in zip(r.results, base.results)) for r in runs}
-    rows = [("model", which),
-            ("requests per setting", f"{n} (a `shapes` test image each, {len(QUESTIONS)} questions in turn, "
-                                     f"greedy, max_tokens {max_tokens}, streamed)"),
-            ("rounds", f"{repeats} (each figure from the median round of its setting, by requests/s)"),
-            ("mean prompt / generated tokens per request",
-             f"{statistics.mean(r.prompt_tokens for r in base.results):.1f} / "
-             f"{statistics.mean(r.tokens for r in base.results):.1f}"),
-            (base.name, describe(base, base))]
-    rows += [(r.name, describe(r, base)) for r in runs]
-    rows += [("answers identical to the baseline", ", ".join(f"{r.name.removeprefix('HTTP, ')}: {same[r.name]}/{n}"
-                                                             for r in runs))]
+    every = "every setting"
+    rows = [(every, "model", which),
+            (every, "requests (a `shapes` test image each, greedy, streamed)", f"{n}"),
+            (every, "questions, asked in turn", f"{len(QUESTIONS)}"),
+            (every, "max_tokens", f"{max_tokens}"),
+            (every, "rounds (each figure from the median round of its setting, by requests/s)", f"{repeats}"),
+            (base.name, "mean prompt tokens per request",
+             f"{statistics.mean(r.prompt_tokens for r in base.results):.1f}"),
+            (base.name, "mean generated tokens per request", f"{statistics.mean(r.tokens for r in base.results):.1f}")]
+    rows += [(base.name, *figure) for figure in describe(base, base)]
+    for r in runs:
+        rows += [(r.name, *figure) for figure in describe(r, base)]
+        rows.append((r.name, f"answers identical to the baseline (of {n})", f"{same[r.name]}"))
     batched, unbatched = runs[len(CONCURRENCY) - 1], runs[-1]
-    rows += [(f"batching gain at concurrency {CONCURRENCY[-1]}", f"{batched.rps / unbatched.rps:.2f}x requests/s")]
+    rows.append((f"concurrency {CONCURRENCY[-1]}, batching on vs off", "batching gain (requests/s, on / off)",
+                 f"{batched.rps / unbatched.rps:.2f}x"))
     notes = ("Speed-ups are requests/s over the baseline (the same requests one at a time through the model, "
              "in process, no HTTP). The clients run in the server's process and share its CPUs; on a busy "
              "machine the figures are noisy. Latency is from sending a request to its last byte; the first "
              "token's time includes waiting for the batch to form.")
     write_section("serving", f"Serving: `vlmkit serve` throughput and latency ({'--quick, ' if args.quick else ''}"
-                             f"{n} requests, concurrency {', '.join(map(str, CONCURRENCY))})", rows, notes)
+                             f"{n} requests, concurrency {', '.join(map(str, CONCURRENCY))})", rows, notes,
+                  columns=("setting", "figure", "value"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Speed of vlmkit's towers against Hugging Face transformers on the same shapes, side by side.
 
-    python benchmarks/speed_towers.py [--repeats 7]
+    python -m benchmarks.speed_towers [--repeats 7]     # from the repository root
 
 Both implementations get the same config and the same inputs; timings alternate between
 them (A B A B ...) and the medians are compared as a ratio, because this machine is
@@ -12,20 +12,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import write_section  # noqa: E402
-
-import transformers  # noqa: E402
-
-from vlmkit.config import VisionConfig  # noqa: E402
-from vlmkit.models.text_encoder import TextEncoder  # noqa: E402
-from vlmkit.models.vit import VisionTransformer  # noqa: E402
+from benchmarks.results import write_section
+from vlmkit.config import VisionConfig
+from vlmkit.models.text_encoder import TextEncoder
+from vlmkit.models.vit import VisionTransformer
 
 VIT = dict(image_size=96, patch_size=16, width=384, depth=6, heads=6, mlp_dim=1536)
 BATCH = 64

@@ -1,7 +1,9 @@
 """Stage 1 quality floors: train each preset from scratch, evaluate on held-out data, write RESULTS.md.
 
-    python benchmarks/stage1_quality.py                 # every task (about 30 min on 2 CPU cores)
-    python benchmarks/stage1_quality.py --tasks shapes  # one of: shapes fashion-mnist lit lit-heldout
+Run from the repository root:
+
+    python -m benchmarks.stage1_quality                 # every task (about 30 min on 2 CPU cores)
+    python -m benchmarks.stage1_quality --tasks shapes  # one or more of: shapes fashion-mnist lit lit-heldout
 
 Tasks:
   shapes         the demo preset; text<->image R@1 on 1,000 held-out pairs and zero-shot accuracy on
@@ -15,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import write_section  # noqa: E402
-
-from vlmkit.presets import preset  # noqa: E402
-from vlmkit.training.contrastive import train_clip  # noqa: E402
+from benchmarks.results import write_section
+from vlmkit.evaluation.hooks import ClipHooks
+from vlmkit.presets import preset
+from vlmkit.training.contrastive import train_clip
 
 HELD_OUT_CLASSES = ["sandal", "shirt"]  # LiT: never paired with an image in training
 
@@ -32,7 +32,7 @@ def _train(name: str, cfg, out: Path) -> tuple[dict, float]:
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a benchmark always trains from scratch
     started = time.perf_counter()
-    run = train_clip(cfg, run_dir, resume=False)
+    run = train_clip(cfg, run_dir, resume=False, hooks=ClipHooks())
     return run.results, (time.perf_counter() - started) / 60
 
 
@@ -46,7 +46,8 @@ def shapes(out: Path) -> None:
         ("shapes image->text R@5", f"{r['image_to_text_R@5']:.3f}"),
         ("shapes zero-shot top-1, held-out colour-shape pairs (30-way)", f"{r['heldout_combos/top1_accuracy']:.3f}"),
         ("shapes zero-shot top-5, held-out colour-shape pairs", f"{r['heldout_combos/top5_accuracy']:.3f}"),
-        ("training steps x batch", f"{cfg.train.steps} x {cfg.train.batch_size}"),
+        ("training steps", f"{cfg.train.steps}"),
+        ("batch size", f"{cfg.train.batch_size}"),
         ("wall time, data + training + evaluation (min)", f"{minutes:.1f}"),
     ], notes="Floors (issue 2): R@1 >= 0.90 both ways; held-out pairs zero-shot aim >= 0.8. "
              "Chance: R@1 0.001, 30-way top-1 0.033.")
@@ -58,7 +59,8 @@ def fashion_mnist(out: Path) -> None:
     write_section("stage1-fashion-mnist", "Stage 1: Fashion-MNIST, contrastive from scratch (preset `fashion-mnist`)", [
         ("fashion-mnist zero-shot top-1 (10,000 test images)", f"{r['zero_shot/top1_accuracy']:.3f}"),
         ("fashion-mnist zero-shot top-5", f"{r['zero_shot/top5_accuracy']:.3f}"),
-        ("training steps x batch", f"{cfg.train.steps} x {cfg.train.batch_size}"),
+        ("training steps", f"{cfg.train.steps}"),
+        ("batch size", f"{cfg.train.batch_size}"),
         ("wall time, data + training + evaluation (min)", f"{minutes:.1f}"),
     ], notes="Floor (issue 2): zero-shot top-1 >= 0.85 in under 15 minutes. For scale: a supervised MLP "
              "scores about 0.88. Classes are named only in prompt templates; there is no classifier head.")
@@ -70,7 +72,8 @@ def lit(out: Path) -> None:
     write_section("stage1-lit", "Stage 1: LiT with the real all-MiniLM-L6-v2 text tower, locked (preset `fashion-mnist-lit`)", [
         ("fashion-mnist LiT zero-shot top-1 (10,000 test images)", f"{r['zero_shot/top1_accuracy']:.3f}"),
         ("fashion-mnist LiT zero-shot top-5", f"{r['zero_shot/top5_accuracy']:.3f}"),
-        ("training steps x batch", f"{cfg.train.steps} x {cfg.train.batch_size}"),
+        ("training steps", f"{cfg.train.steps}"),
+        ("batch size", f"{cfg.train.batch_size}"),
         ("wall time, data + training + evaluation (min)", f"{minutes:.1f}"),
     ], notes="Only the image tower and the two projections train; the text tower's outputs for each distinct "
              "caption are computed once and cached.")
@@ -88,7 +91,8 @@ def lit_heldout(out: Path) -> None:
         (f"fashion-mnist LiT held-out classes, 2-way among {HELD_OUT_CLASSES} (chance 0.50)",
          f"{r['unseen_only/top1_accuracy']:.3f}"),
         ("fashion-mnist LiT seen classes, 10-way top-1", f"{r['seen_classes/top1_accuracy']:.3f}"),
-        ("training steps x batch (8 training classes)", f"{cfg.train.steps} x {cfg.train.batch_size}"),
+        ("training steps (8 training classes)", f"{cfg.train.steps}"),
+        ("batch size", f"{cfg.train.batch_size}"),
         ("wall time, data + training + evaluation (min)", f"{minutes:.1f}"),
     ], notes=f"Training never pairs an image with the names {HELD_OUT_CLASSES}; their images can only be "
              "named through the pretrained text tower. The 10-way figure is the generalised zero-shot "
