@@ -1,5 +1,6 @@
 """The command line and the Python API on a tiny trained model."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -82,6 +83,21 @@ def test_eval_writes_a_report(tiny_run, tmp_path, capsys):
 def test_bad_input_gives_a_clear_error(argv, message, capsys, tmp_path):
     assert main(argv + (["--out", str(tmp_path)] if argv[0] == "train" else [])) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_missing_optional_package_names_its_extra(tiny_run, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)   # as if `pip install vlmkit` without [serve]
+    assert main(["serve", "--model", str(tiny_run.model_dir)]) == 2
+    assert "pip install 'vlmkit[serve]'" in capsys.readouterr().err
+
+
+def test_quiet_keeps_results_and_drops_messages(tiny_run, shapes_images, capsys):
+    _, paths, _ = shapes_images
+    out = ["embed", "--model", str(tiny_run.model_dir), "--texts", "a red circle"]
+    assert main(["-q", *out, "--out", str(paths[0].parent / "q.npz")]) == 0
+    assert capsys.readouterr().err == ""
+    assert main([*out, "--out", str(paths[0].parent / "v.npz")]) == 0
+    assert "wrote" in capsys.readouterr().err
 
 
 def test_python_api(tiny_run, shapes_images, tmp_path):

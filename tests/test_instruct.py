@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import pytest
 
@@ -158,3 +159,14 @@ def test_llava_json_data_trains(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([{"id": "q", "conversations": [{"from": "robot", "value": "hi"}]}]))
     with pytest.raises(ValueError, match=r"bad.json.*record 0.*'q'"):
         train_vlm(cfg.override({"data.source": str(tmp_path / "bad.json")}), tmp_path / "run2", progress=False)
+
+
+def test_without_the_metrics_extra_the_model_is_saved_and_captions_are_reported_skipped(tmp_path, monkeypatch):
+    """`pip install vlmkit` alone: BLEU/CIDEr cannot run; nothing else may be lost."""
+    monkeypatch.setitem(sys.modules, "pycocoevalcap", None)
+    cfg = vlm_preset("tiny").override({"data.train_size": 40, "data.eval_size": 6, "align.train.steps": 1,
+                                       "instruct.train.steps": 1})
+    run = train_vlm(cfg, tmp_path, progress=False, hooks=VlmHooks())
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert "pip install 'vlmkit[metrics]'" in run.results["caption"]["skipped"]
+    assert "vqa" in run.results and "skipped" in (tmp_path / "eval.md").read_text()

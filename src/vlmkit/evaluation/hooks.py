@@ -1,9 +1,9 @@
 """The hooks that attach measurement, reports and pictures to the training recipes.
 
 The recipes (`vlmkit.training`) sit below evaluation and never import it; the CLI, the demo,
-benchmarks and tests pass these to `train_clip(..., hooks=ClipHooks(cfg))` and
-`train_vlm(..., hooks=VlmHooks(cfg))`. Evaluation data is built on first use, with the
-preprocessing the run settled on.
+benchmarks and tests pass these to `train_clip(..., hooks=ClipHooks())` and
+`train_vlm(..., hooks=VlmHooks())`. Evaluation data is built on first use, with the
+preprocessing the run settled on, and kept: use one hooks object per run.
 """
 from __future__ import annotations
 
