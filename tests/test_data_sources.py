@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from vlmkit.data.images import ImageDecodeError
@@ -249,3 +250,16 @@ def test_build_source(pair_dir):
         build_source("imagenet")
     with pytest.raises(TypeError, match="image_sise"):
         build_source("shapes", image_sise=32)
+
+
+def test_preparing_data_leaves_the_global_rng_alone():
+    """Decoding has no randomness: how many sets a run prepares, and when, must not move the
+    draws that initialise its model (the DataLoader would take a seed from torch's global RNG)."""
+    from vlmkit.data.images import ImageTransform
+    from vlmkit.data.prepared import prepare
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    prepare(Shapes("test", size=4, image_size=32), ImageTransform(size=32))
+    assert torch.equal(torch.rand(3), expected)

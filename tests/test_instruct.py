@@ -163,7 +163,8 @@ def test_llava_json_data_trains(tmp_path):
 
 def test_without_the_metrics_extra_the_model_is_saved_and_captions_are_reported_skipped(tmp_path, monkeypatch):
     """`pip install vlmkit` alone: BLEU/CIDEr cannot run; nothing else may be lost."""
-    monkeypatch.setitem(sys.modules, "pycocoevalcap", None)
+    for name in ["pycocoevalcap"] + [m for m in sys.modules if m.startswith("pycocoevalcap.")]:
+        monkeypatch.setitem(sys.modules, name, None)   # as if never installed, even if imported before
     cfg = vlm_preset("tiny").override({"data.train_size": 40, "data.eval_size": 6, "align.train.steps": 1,
                                        "instruct.train.steps": 1})
     run = train_vlm(cfg, tmp_path, progress=False, hooks=VlmHooks())

@@ -104,7 +104,10 @@ def prepare(
     count = len(source) if limit is None else min(limit, len(source))
     if count == 0:
         raise DataError(f"data source {source.name!r} is empty")
-    loader = DataLoader(_Decoded(source, transform, count), batch_size=256, num_workers=num_workers, collate_fn=_collate)
+    # Its own generator: a DataLoader otherwise draws its workers' seed from torch's global RNG,
+    # so preparing one more set would change the weights a model is then initialised with.
+    loader = DataLoader(_Decoded(source, transform, count), batch_size=256, num_workers=num_workers,
+                        collate_fn=_collate, generator=torch.Generator().manual_seed(0))
     images, captions, labels, kept, errors = [], [], [], [], []
     with tqdm(total=count, desc=desc, unit="img", leave=False, mininterval=0.1 if sys.stderr.isatty() else 30) as bar:
         for batch in loader:
