@@ -57,13 +57,14 @@ def _text(kind: str, vocab: int) -> transformers.PretrainedConfig:
                                     tie_word_embeddings=False, rope_theta=5000.0, max_position_embeddings=128)
 
 
-def _hf_llava(tmp_path, tokenizer, vision: str, text: str, layer: int, strategy: str):
+def _hf_llava(tmp_path, tokenizer, vision: str, text: str, layer: int, strategy: str, **config):
     torch.manual_seed(0)
     vc = _vision(vision)
     tokens = 16 + (1 if vision != "siglip" and strategy == "full" else 0)
+    config = {"image_seq_length": tokens, **config}
     cfg = transformers.LlavaConfig(vision_config=vc, text_config=_text(text, tokenizer.vocab_size),
                                    image_token_index=tokenizer.image_id, vision_feature_layer=layer,
-                                   vision_feature_select_strategy=strategy, image_seq_length=tokens)
+                                   vision_feature_select_strategy=strategy, **config)
     model = transformers.LlavaForConditionalGeneration(cfg).eval()
     path = tmp_path / f"hf-{vision}-{text}"
     model.save_pretrained(path)
@@ -88,6 +89,33 @@ def _prompt_ids(tokenizer, image_tokens: int) -> list[int]:
 ])
 def test_imported_llava_matches_transformers(tmp_path, tokenizer, vision, text, layer, strategy):
     hf, path, tokens = _hf_llava(tmp_path, tokenizer, vision, text, layer, strategy)
+    _check_imported_matches(tmp_path, tokenizer, hf, path, tokens)
+
+
+def test_image_seq_length_is_not_read(tmp_path, tokenizer):
+    """LlavaConfig's default 576 stays in configs whose tower gives other counts; transformers never reads it."""
+    hf, path, tokens = _hf_llava(tmp_path, tokenizer, "clip", "llama", -2, "default", image_seq_length=576)
+    assert json.loads((path / "config.json").read_text())["image_seq_length"] == 576
+    _check_imported_matches(tmp_path, tokenizer, hf, path, tokens)
+
+
+def test_projector_without_bias(tmp_path, tokenizer):
+    """multimodal_projector_bias false: no bias tensors, a zero bias; true (the default): a missing one is an error."""
+    from safetensors.torch import load_file, save_file
+
+    hf, path, tokens = _hf_llava(tmp_path, tokenizer, "clip", "llama", -2, "default", multimodal_projector_bias=False)
+    assert not any("linear_1.bias" in k for k in load_file(str(path / "model.safetensors")))
+    _check_imported_matches(tmp_path, tokenizer, hf, path, tokens)
+
+    _, path, _ = _hf_llava(tmp_path, tokenizer, "clip", "llama", -2, "default")
+    weights = load_file(str(path / "model.safetensors"))
+    bias = next(k for k in weights if k.endswith("linear_1.bias"))
+    save_file({k: v for k, v in weights.items() if k != bias}, str(path / "model.safetensors"))
+    with pytest.raises(ConversionError, match="linear_1.bias.*multimodal_projector_bias"):
+        load_hf_llava(path)
+
+
+def _check_imported_matches(tmp_path, tokenizer, hf, path, tokens):
     out = tmp_path / "vlmkit"
     assert convert(path, out)[0] == "imported llava -> vlmkit vlm"
     ours = load_model(out)
@@ -205,3 +233,83 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
     with pytest.raises(ConversionError, match="bert, clip, llama, llava, qwen2, siglip"):
         convert(tmp_path, tmp_path / "out")
+
+
+# The chat templates the llava-hf checkpoints ship: they loop over typed content parts and
+# print nothing for a content string.
+LLAVA_TEMPLATES = {
+    # llava-hf/llava-1.5-*-hf: images first, then text; {% generation %} marks answers.
+    "llava-1.5": (
+        "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+        "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
+        "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != "
+        "'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+        "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', "
+        "'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"),
+    # llava-interleave style: ChatML, parts in the order given.
+    "llava-interleave": (
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% for content in "
+        "message['content'] %}{% if content['type'] == 'image' %}{{ '<image>\n' }}{% elif content['type'] == "
+        "'text' %}{{ content['text'] }}{% endif %}{% endfor %}{{'<|im_end|>\n'}}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+    # llava-onevision style: images, then each text after a newline; <|im_end|> outside the answer.
+    "llava-onevision": (
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}{% for content in "
+        "message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+        "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', "
+        "'equalto', 'text') %}{{ '\n' + content['text'] }}{% endfor %}{% else %}{% for content in "
+        "message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}{{ '\n' + content['text'] }}"
+        "{% endgeneration %}{% endfor %}{% endif %}{{'<|im_end|>'}}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+}
+
+
+def _two_images():
+    a = Image.new("RGB", (45, 37), (200, 30, 30))
+    a.paste((20, 20, 220), (5, 5, 25, 20))
+    b = Image.new("RGB", (30, 52), (20, 180, 40))
+    return [a, b]
+
+
+@pytest.mark.parametrize("name", sorted(LLAVA_TEMPLATES))
+def test_llava_hf_templates_give_the_processors_ids_and_text(tmp_path, tokenizer, name):
+    """A llava-hf checkpoint with its processor's typed-part template: after `convert`, a two-image,
+    two-turn prompt gives the HF processor's ids and pixels, the same logits and the same greedy text."""
+    import vlmkit
+    from vlmkit.inference.assistant import Request
+
+    hf, path, tokens = _hf_llava(tmp_path, tokenizer, "clip", "llama", -2, "default")
+    template = LLAVA_TEMPLATES[name]
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    processor = transformers.LlavaProcessor(
+        image_processor=transformers.AutoImageProcessor.from_pretrained(path),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(path), patch_size=8,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=template)
+    convert(path, tmp_path / "ours")
+    assistant = vlmkit.load(tmp_path / "ours", device="cpu")
+
+    images = _two_images()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+                {"role": "user", "content": [{"type": "text", "text": "And here?"}, {"type": "image"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == assistant.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=prompt, images=images, return_tensors="pt")
+    ids, pixels = assistant._prepare(Request(messages, images))
+    assert ids == inputs["input_ids"][0].tolist()
+    assert ids.count(tokenizer.image_id) == 2 * tokens
+    torch.testing.assert_close(pixels, inputs["pixel_values"], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(assistant.model(torch.tensor([ids]), pixels),
+                                   hf(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits,
+                                   **TOL)
+        out = hf.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert assistant.chat(messages, images, max_new_tokens=8) == processor.tokenizer.decode(out, skip_special_tokens=True)
+    # The same conversation as strings with placeholders, and with the images inside the parts.
+    as_strings = [{"role": "user", "content": "<image>\n" + QUESTION}, {"role": "assistant", "content": "red"},
+                  {"role": "user", "content": "And here?\n<image>"}]
+    assert assistant._prepare(Request(as_strings, images))[0] == ids
+    carried = [{"role": m["role"], "content": [dict(p) for p in m["content"]]} for m in messages]
+    carried[0]["content"][0]["image"], carried[2]["content"][1]["image"] = images
+    assert assistant._prepare(Request(carried))[0] == ids

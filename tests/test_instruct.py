@@ -92,6 +92,7 @@ def test_align_then_instruct_with_lora_and_a_stage1_tower(tiny_run, tmp_path):
 
 
 def test_cli_caption_ask_chat_eval(vlm_run, tmp_path, capsys):
+    import vlmkit
     from vlmkit.data.sources.shapes import Shapes
 
     out, _ = vlm_run
@@ -102,6 +103,13 @@ def test_cli_caption_ask_chat_eval(vlm_run, tmp_path, capsys):
                  "--heatmap", str(tmp_path / "heat.png")]) == 0
     assert (tmp_path / "heat.png").is_file()
     assert main(["caption", str(image), "--model", model, "--max-tokens", "6"]) == 0
+    capsys.readouterr()
+    other = tmp_path / "other.png"
+    Shapes("heldout", size=2, image_size=48, max_objects=2)[1].image.save(other)
+    question = "Is the circle in <image> the same colour as in <image>?"
+    assert main(["ask", str(image), str(other), question, "--model", model, "--max-tokens", "4"]) == 0
+    answer = vlmkit.load(model, device="cpu").ask([image, other], question, max_new_tokens=4)
+    assert capsys.readouterr().out.strip() == answer.strip()
     assert main(["eval", "vqa", "--model", model, "--size", "5", "--out", str(tmp_path / "ev")]) == 0
     assert json.loads((tmp_path / "ev" / "vqa.json").read_text())["vqa"]["count"] > 0
     capsys.readouterr()
@@ -145,6 +153,10 @@ def test_llava_json_data_trains(tmp_path):
         records.append({"id": str(i), "image": f"{i}.png",
                         "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
                                           {"from": "gpt", "value": ex.caption}]})
+    for i in range(0, 8, 2):  # several images per conversation, placed by their markers
+        records.append({"id": f"pair{i}", "image": [f"{i}.png", f"{i + 1}.png"],
+                        "conversations": [{"from": "human", "value": "First <image>, then <image>. Describe the second."},
+                                          {"from": "gpt", "value": shapes[i + 1].caption}]})
     records.append({"id": "broken", "image": "broken.png",
                     "conversations": [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "x"}]})
     (tmp_path / "broken.png").write_bytes(b"not a png")
@@ -154,7 +166,7 @@ def test_llava_json_data_trains(tmp_path):
                                        "align.skip": True, "instruct.train.steps": 2})
     run = train_vlm(cfg, tmp_path / "run", progress=False, hooks=VlmHooks())
     assert run.status == "done"
-    assert run.results["vqa"]["count"] == 12        # the conversation with the unreadable image was dropped
+    assert run.results["vqa"]["count"] == 16        # the conversation with the unreadable image was dropped
 
     (tmp_path / "bad.json").write_text(json.dumps([{"id": "q", "conversations": [{"from": "robot", "value": "hi"}]}]))
     with pytest.raises(ValueError, match=r"bad.json.*record 0.*'q'"):

@@ -83,6 +83,21 @@ def test_chat_with_an_image_matches_the_library(oai, models):
     assert reply.usage.completion_tokens == 8 and reply.usage.prompt_tokens > 16  # 16 image slots + text
 
 
+def test_several_images_interleaved_with_text(oai, models):
+    """Two image parts in one message, text between: the same answer as the library's typed-part call."""
+    red, blue = scene(), scene((30, 30, 220), (30, 44))
+    content = [{"type": "text", "text": "First"}, {"type": "image_url", "image_url": {"url": data_url(png(red))}},
+               {"type": "text", "text": "then"}, {"type": "image_url", "image_url": {"url": data_url(png(blue))}},
+               {"type": "text", "text": QUESTION}]
+    reply = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                        max_tokens=8, temperature=0)
+    parts = [{"type": "text", "text": "First"}, {"type": "image", "image": red}, {"type": "text", "text": "then"},
+             {"type": "image", "image": blue}, {"type": "text", "text": QUESTION}]
+    answer = models["tiny"].chat([{"role": "user", "content": parts}], max_new_tokens=8)
+    assert reply.choices[0].message.content == answer
+    assert reply.usage.prompt_tokens > 32  # two images of 16 slots each, and the text
+
+
 def test_streaming_sends_the_same_text_in_pieces(oai):
     body = chat_body(scene(), stream=True, stream_options={"include_usage": True})
     chunks = list(oai.chat.completions.create(**body))

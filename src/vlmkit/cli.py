@@ -121,36 +121,38 @@ def caption(image: str, model: str, max_tokens: int = 64, temperature: float = 0
         log.info(f"wrote {m.explain(image, CAPTION_PROMPT, heatmap, answer=text)}")
 
 
-def ask(image: str, question: str, model: str, max_tokens: int = 64, temperature: float = 0.0,
+def ask(image: list[str], question: str, model: str, max_tokens: int = 64, temperature: float = 0.0,
         top_p: float = 1.0, seed: int = 0, heatmap: str | None = None) -> None:
-    """Answer a question about an image.
+    """Answer a question about one image or several (list them all before the question).
 
     Args:
-        image: an image file.
+        image: image files; with several, `<image>` in the question places each, else all go first.
         question: the question, e.g. "what colour is the circle?".
         model: a Stage 2 checkpoint directory.
         max_tokens: the most tokens to generate.
         temperature: 0 for greedy decoding; higher samples more freely.
         top_p: nucleus sampling threshold.
         seed: sampling seed.
-        heatmap: write a PNG of where each answer token looked in the image.
+        heatmap: write a PNG of where each answer token looked in the image (one image only).
     """
     from vlmkit.inference.api import load
 
+    if heatmap and len(image) > 1:
+        raise ValueError("--heatmap explains one image; ask about one image to draw it")
     m = _assistant(load(model))
     answer = m.ask(image, question, **_sampling(max_tokens, temperature, top_p, seed))
     print(answer)
     if heatmap:
-        log.info(f"wrote {m.explain(image, question, heatmap, answer=answer)}")
+        log.info(f"wrote {m.explain(image[0], question, heatmap, answer=answer)}")
 
 
-def chat(model: str, image: str | None = None, max_tokens: int = 256, temperature: float = 0.0,
+def chat(model: str, image: list[str] | None = None, max_tokens: int = 256, temperature: float = 0.0,
          top_p: float = 1.0, seed: int = 0) -> None:
     """Talk with a model about images, streaming its replies (/image PATH, /reset, /quit).
 
     Args:
         model: a Stage 2 checkpoint directory.
-        image: an image to start the conversation with.
+        image: images to start the conversation with (they go with the first message).
         max_tokens: the most tokens per reply.
         temperature: 0 for greedy decoding; higher samples more freely.
         top_p: nucleus sampling threshold.
@@ -160,9 +162,9 @@ def chat(model: str, image: str | None = None, max_tokens: int = 256, temperatur
     from vlmkit.inference.chat_session import ChatSession
 
     session = ChatSession(_assistant(load(model)), **_sampling(max_tokens, temperature, top_p, seed))
-    if image:
-        session.attach(image)
-        print(f"(image attached: {image})")
+    for path in image or ():
+        session.attach(path)
+        print(f"(image attached: {path})")
     print("Type a message; /image PATH attaches an image, /reset starts over, /quit leaves.")
     for line in sys.stdin if not sys.stdin.isatty() else iter(lambda: input("you> "), None):
         line = line.strip()

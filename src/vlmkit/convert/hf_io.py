@@ -74,6 +74,24 @@ def read_image_processor(path: str | Path) -> dict[str, Any] | None:
     return found
 
 
+def read_vlm_tokenizer(path: str | Path):
+    """A VLM directory's tokenizer, with the processor's chat template where there is one.
+
+    A VLM's processor template (chat_template.json in older directories, chat_template.jinja
+    from transformers 5, or processor_config.json) knows where images go; the tokenizer's
+    own, when it has one, is the text model's and does not.
+    """
+    from vlmkit.data.lm_tokenizer import LMTokenizer
+
+    path = Path(path)
+    template = ((read_json(path, "chat_template.json") or {}).get("chat_template")
+                or (read_json(path, "processor_config.json") or {}).get("chat_template"))
+    if not template and (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text()
+    tokenizer = LMTokenizer.from_pretrained(path)
+    return tokenizer.with_template(template) if template else tokenizer
+
+
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a directory's safetensors files, sharded or not."""
     path = Path(path)

@@ -130,10 +130,8 @@ def vlm_config_from_hf(hf: dict, image_token: str = IMAGE_TOKEN) -> tuple[VLMCon
         vision_select="patch" if strategy == "default" else "all",
         image_token=image_token, image_token_id=hf.get("image_token_index", hf.get("image_token_id", 32000)),
     )
-    expected = hf.get("image_seq_length")
-    if expected is not None and expected != cfg.image_tokens:
-        raise ConversionError(f"image_seq_length {expected} disagrees with the vision tower: "
-                              f"{cfg.image_tokens} tokens per image")
+    # `image_seq_length` is not read: transformers' LLaVA never does, and configs keep
+    # LlavaConfig's default 576 whatever their tower gives; the tower decides the count.
     return cfg, vision_type
 
 
@@ -157,17 +155,20 @@ def _split_state(src: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
     return vision, projector, lm
 
 
-def _projector_rules(cfg: VLMConfig) -> list[Rule]:
+def _projector_rules(cfg: VLMConfig, bias: bool = True) -> list[Rule]:
     """linear_1 / linear_2 <-> the `mlp` projector's net.fc1 / net.fc2.
 
-    multimodal_projector_bias=false leaves the biases out: a zero bias is the same map.
+    multimodal_projector_bias=false (`bias`) leaves the biases out: a zero bias is the same
+    map. With it true (LlavaConfig's default) a missing bias is an error, not a silent zero.
     """
     hidden = cfg.projector.hidden or cfg.decoder.width
     rules = []
     for ours, theirs, shape in (("fc1", "linear_1", (hidden, cfg.vision.width)),
                                 ("fc2", "linear_2", (cfg.decoder.width, hidden))):
         o, t = f"multi_modal_projector.net.{ours}.", f"multi_modal_projector.{theirs}."
-        rules += [pair(o + "weight", t + "weight", shape), pair(o + "bias", t + "bias", shape[:1], optional=True)]
+        rules += [pair(o + "weight", t + "weight", shape),
+                  pair(o + "bias", t + "bias", shape[:1], optional=not bias,
+                       note="the config says multimodal_projector_bias: true")]
     return rules
 
 
@@ -175,23 +176,23 @@ def load_hf_llava(path: str | Path):
     """A local LLaVA directory -> (VLMConfig, state dict, LMTokenizer, ImageTransform)."""
     from vlmkit.convert.hf_llama import map_decoder_state
     from vlmkit.convert.hf_processor import image_transform_from_hf
-    from vlmkit.data.lm_tokenizer import LMTokenizer
     from vlmkit.models.vlm import VisionLanguageModel
 
     path = Path(path)
     image_processor = hf_io.read_image_processor(path)
     image_token = (hf_io.read_json(path, "processor_config.json") or {}).get("image_token", IMAGE_TOKEN)
-    cfg, vision_type = vlm_config_from_hf(hf_io.read_config(path), image_token)
+    hf = hf_io.read_config(path)
+    cfg, vision_type = vlm_config_from_hf(hf, image_token)
     vision, projector, lm = _split_state(hf_io.read_weights(path))
     state = {f"vision_tower.{k}": v for k, v in _map_vision(vision, cfg.vision, vision_type).items()}
-    state.update(to_ours(_projector_rules(cfg), projector, "LLaVA"))
+    state.update(to_ours(_projector_rules(cfg, hf.get("multimodal_projector_bias", True)), projector, "LLaVA"))
     state.update({f"language_model.{k}": v for k, v in map_decoder_state(lm, cfg.decoder, "model.", "lm_head.weight").items()})
     reject_unexpected([f"vision_tower.{k}" for k in vision] + list(projector) + [f"language_model.{k}" for k in lm],
                       "LLaVA")
     from vlmkit.checkpoint import unique_state_dict
 
     check(state, unique_state_dict(VisionLanguageModel(cfg)), f"{path} (as a vlmkit VLM)")
-    tokenizer = LMTokenizer.from_pretrained(path)
+    tokenizer = hf_io.read_vlm_tokenizer(path)
     if tokenizer.token_id(image_token) != cfg.image_token_id:
         raise ConversionError(f"the tokenizer maps {image_token!r} to {tokenizer.token_id(image_token)}, "
                               f"the model config says image_token_index {cfg.image_token_id}")

@@ -44,7 +44,9 @@ def encode_conversation(conversation, tokenizer: LMTokenizer, image_tokens: int,
         raise ValueError("the conversation has no messages")
     pieces: list[tuple[str, bool]] = []       # (text, is_answer)
     done = ""
-    for i, message in enumerate(messages):
+    # A prompt for generation needs no labels: render it whole, as transformers does (some
+    # published templates, llava-onevision's, do not render turns as prefixes of each other).
+    for i, message in enumerate([] if add_generation_prompt else messages):
         role = message["role"] if isinstance(message, dict) else message.role
         if role == "assistant":
             prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)

@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from vlmkit.config import IMAGE_TOKEN
+from vlmkit.data.messages import for_template, normalize, reads_parts
 
 # ChatML, the template SmolLM2, Qwen2 and many others ship.
 CHATML_TEMPLATE = (
@@ -45,12 +48,17 @@ class LMTokenizer:
         missing = [t for t in special_tokens.values() if backend.token_to_id(t) is None]
         if missing:
             raise ValueError(f"special tokens {missing} are not in the vocabulary")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag])
         env.globals["raise_exception"] = _raise
         try:
             self._template = env.from_string(chat_template)
         except jinja2.TemplateError as e:
             raise ValueError(f"malformed chat template: {e}") from e
+        self.reads_parts = reads_parts(chat_template)
+
+    def with_template(self, chat_template: str) -> "LMTokenizer":
+        """The same vocabulary with another chat template (a VLM processor's, say)."""
+        return LMTokenizer(self._backend, self.special_tokens, chat_template, self.model_max_length)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -125,10 +133,11 @@ class LMTokenizer:
 
     # ------------------------------------------------------------------ use
     def apply_chat_template(self, messages: Sequence[Any], add_generation_prompt: bool = False) -> str:
-        """Render messages (dicts with role/content, or objects with .role/.content) as text."""
-        as_dicts = [m if isinstance(m, dict) else {"role": m.role, "content": m.content} for m in messages]
+        """Render messages (see `data.messages`: string or typed-part content; dicts or objects
+        with .role/.content) as text, in the content form this template reads."""
+        messages = for_template(normalize(messages)[0], self.reads_parts)
         try:
-            return self._template.render(messages=as_dicts, add_generation_prompt=add_generation_prompt,
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          **self.special_tokens)
         except jinja2.TemplateError as e:
             raise ValueError(f"the chat template failed on these messages: {e}") from e
@@ -188,3 +197,14 @@ def render_chatml(messages: Sequence[Any]) -> str:
 
 def _raise(message: str) -> None:
     raise jinja2.TemplateError(message)
+
+
+class _GenerationTag(Extension):
+    """transformers' `{% generation %}...{% endgeneration %}`, which marks assistant text for
+    its masks; vlmkit finds answers by rendering turn by turn, so the body renders as is."""
+
+    tags = {"generation"}
+
+    def parse(self, parser) -> list[nodes.Node]:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)

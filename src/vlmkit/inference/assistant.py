@@ -14,6 +14,7 @@ import torch
 from vlmkit.data.chat import encode_conversation
 from vlmkit.data.images import ImageTransform, load_image
 from vlmkit.data.lm_tokenizer import IMAGE_TOKEN, LMTokenizer
+from vlmkit.data.messages import count_images, normalize, prepend_images, text_of
 from vlmkit.inference.engine import Engine, SamplingParams
 
 CAPTION_PROMPT = "Describe the image."
@@ -21,9 +22,9 @@ CAPTION_PROMPT = "Describe the image."
 
 @dataclass
 class Request:
-    """One generation: messages (role/content dicts, `<image>` where each image goes) and images."""
+    """One generation: messages (see `data.messages`) and, unless their image parts carry them, images."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict]
     images: list[Any] = field(default_factory=list)
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -46,25 +47,17 @@ class VisionLanguageAssistant:
 
     # ------------------------------------------------------------------ preparing input
     def _prepare(self, request: Request) -> tuple[list[int], torch.Tensor | None]:
-        messages = [dict(m) for m in request.messages]
+        messages, carried = normalize(request.messages)
         if not messages:
             raise ValueError("no messages given")
-        for i, m in enumerate(messages):
-            if m.get("role") not in ("system", "user", "assistant"):
-                raise ValueError(f"message {i}: role must be system, user or assistant, got {m.get('role')!r}")
-            if not isinstance(m.get("content"), str):
-                raise ValueError(f"message {i}: content must be a string")
-        if messages[-1]["role"] != "user" or not messages[-1]["content"].replace(IMAGE_TOKEN, "").strip():
+        if messages[-1]["role"] != "user" or not (text_of(messages[-1]).strip() or count_images(messages[-1])):
             raise ValueError("the last message must be a non-empty user message")
-        placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
-        images = list(request.images)
-        if placeholders == 0 and images:
-            # Like LLaVA: images without placeholders go before the first user text.
-            first = next(i for i, m in enumerate(messages) if m["role"] == "user")
-            messages[first]["content"] = (IMAGE_TOKEN + "\n") * len(images) + messages[first]["content"]
-        elif placeholders != len(images):
-            raise ValueError(f"the messages hold {placeholders} {IMAGE_TOKEN} placeholders but "
-                             f"{len(images)} images were given")
+        images = _images_for(messages, carried, list(request.images))
+        if images and not any(carried):
+            placeholders = sum(count_images(m) for m in messages)
+            if placeholders == 0:   # like LLaVA: images without placeholders go before the first user text
+                first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+                messages[first] = prepend_images(messages[first], len(images))
         budget = self.context_length - 1
         ids = encode_conversation(messages, self.tokenizer, self.model.cfg.image_tokens, budget,
                                   add_generation_prompt=True).ids
@@ -145,10 +138,11 @@ class VisionLanguageAssistant:
 
     # ------------------------------------------------------------------ the everyday calls
     def ask(self, image, question: str, stream: bool = False, **sampling) -> str | Iterator[str]:
-        """Answer a question about one image (or about no image: pass None)."""
+        """Answer a question about one image, several (a list: each where its `<image>` is in
+        the question, else all before it) or none (None)."""
         if not isinstance(question, str) or not question.strip():
             raise ValueError("the question is empty")
-        images = [] if image is None else [image]
+        images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
         request = Request([{"role": "user", "content": question}], images, **sampling)
         return self._texts(request) if stream else self.generate_batch([request])[0]
 
@@ -156,9 +150,10 @@ class VisionLanguageAssistant:
         """A one-sentence description of the image (usable as alt text)."""
         return self.ask(image, prompt, **sampling)
 
-    def chat(self, messages: Sequence[dict[str, str]], images: Sequence = (), stream: bool = False,
+    def chat(self, messages: Sequence[dict], images: Sequence = (), stream: bool = False,
              **sampling) -> str | Iterator[str]:
-        """Reply to a conversation: role/content messages, `<image>` marking where each image goes."""
+        """Reply to a conversation (see `data.messages`): string content with `<image>` where
+        each of `images` goes, or typed parts whose image parts carry the images."""
         request = Request(list(messages), list(images), **sampling)
         return self._texts(request) if stream else self.generate_batch([request])[0]
 
@@ -251,6 +246,21 @@ class Delta:
     finish_reason: str | None   # None while running; "stop" (end of turn or stop string) or "length"
     prompt_tokens: int
     completion_tokens: int
+
+
+def _images_for(messages: list[dict], carried: list, given: list) -> list:
+    """The images of a request, in placeholder order: carried by image parts or given apart."""
+    placeholders = sum(count_images(m) for m in messages)
+    if any(x is not None for x in carried):
+        if given:
+            raise ValueError("images were given both inside the messages and apart from them; use one way")
+        if any(x is None for x in carried):
+            raise ValueError("some image parts carry an image and some do not; every image part needs one")
+        return carried
+    if placeholders and placeholders != len(given):
+        raise ValueError(f"the messages hold {placeholders} {IMAGE_TOKEN} placeholders but "
+                         f"{len(given)} images were given")
+    return given
 
 
 def _partial_stop(text: str, stops: Sequence[str]) -> int:

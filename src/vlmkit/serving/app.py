@@ -28,7 +28,6 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlmkit.data.images import ImageDecodeError, load_image
-from vlmkit.data.lm_tokenizer import IMAGE_TOKEN
 from vlmkit.inference.api import load
 from vlmkit.inference.assistant import Request
 from vlmkit.runtime import VERSION
@@ -145,22 +144,26 @@ def _fetch(url: str, limit: int) -> bytes:
 
 
 def to_prompt(messages: list[ChatMessage], settings: ServeSettings) -> tuple[list[dict], list]:
-    """OpenAI messages -> (vlmkit messages with `<image>` placeholders, decoded images)."""
+    """OpenAI messages -> (vlmkit messages, typed parts kept and image parts emptied; decoded images).
+
+    String content may hold `<image>` placeholders too; their images then come from nowhere,
+    which the assistant reports as a count mismatch.
+    """
     out, images = [], []
-    for i, m in enumerate(messages):
+    for m in messages:
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
             continue
-        pieces = []
+        parts = []
         for part in m.content:
             if part.type == "text":
-                pieces.append(part.text)
+                parts.append({"type": "text", "text": part.text})
             else:
                 if len(images) == settings.max_images:
                     raise APIError(400, f"more than {settings.max_images} images in one request", param="messages")
                 images.append(decode_image_url(part.image_url.url, settings))
-                pieces.append(IMAGE_TOKEN)
-        out.append({"role": m.role, "content": "\n".join(pieces)})
+                parts.append({"type": "image"})
+        out.append({"role": m.role, "content": parts})
     return out, images
 
 
