@@ -231,7 +231,7 @@ def test_bad_llava_directories_are_named_errors(tmp_path, tokenizer):
 
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
-    with pytest.raises(ConversionError, match="bert, clip, llama, llava, qwen2, siglip"):
+    with pytest.raises(ConversionError, match="bert, clip, idefics3, llama, llava, qwen2, siglip, smolvlm"):
         convert(tmp_path, tmp_path / "out")
 
 

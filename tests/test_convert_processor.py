@@ -25,7 +25,7 @@ NEW_API = int(transformers.__version__.split(".")[0]) >= 5  # 5: `Pil` classes a
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-FILTERS = {"nearest": 0, "bilinear": 2, "bicubic": 3}
+FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}
 
 
 def _photos() -> dict[str, Image.Image]:
@@ -209,7 +209,7 @@ CLIP = {"image_processor_type": "CLIPImageProcessor"}
 @pytest.mark.parametrize("settings, key", [
     ({"image_processor_type": "LlavaNextImageProcessor"}, "image_processor_type"),
     ({}, "image_processor_type"),
-    ({**CLIP, "resample": 1}, "resample"),
+    ({**CLIP, "resample": 4}, "resample"),
     ({**CLIP, "resample": 5}, "resample"),
     ({"image_processor_type": "LlavaImageProcessor", "do_pad": True}, "do_pad"),
     ({**CLIP, "do_resize": False}, "do_resize"),

@@ -364,6 +364,8 @@ class ProjectorConfig(Config):
     shuffle_factor: int = 2         # pixel_shuffle: merge factor x factor patches into one token
     queries: int = 64               # resampler: number of learned queries (= image tokens)
     heads: int = 8                  # resampler: cross-attention heads
+    # One bias-free Linear in place of the MLP (Idefics3 / SmolVLM's connector after the shuffle).
+    linear: bool = False
     # EXPERIMENTAL, for the 3x3 `shapes` preset (docs/shapes-recipe.md); LLaVA export refuses it.
     # A learned vector per image-token slot, added to the projector's output: the LM can then
     # tell which patch a token came from by what it holds, not only by where it sits.
@@ -381,8 +383,16 @@ class VLMConfig(Config):
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    vision_layer: int = -1                             # which ViT layer feeds the projector
+    # Which ViT layer feeds the projector: a block's raw output (LLaVA's feature layer), or
+    # None for the tower's final, normalised tokens (SigLIP's last_hidden_state, which
+    # Idefics3 / SmolVLM read).
+    vision_layer: int | None = -1
     vision_select: Literal["patch", "all"] = "patch"   # "patch" drops the class token (LLaVA's "default")
+    # How each image placeholder becomes tokens. "slots": `image_tokens` image-token slots.
+    # "idefics3": Idefics3 / SmolVLM's layout for an image split into tiles (see
+    # data/image_prompt.py): per tile <fake_token_around_image><row_r_col_c> and its slots,
+    # then the global view after <global-img>.
+    image_prompt: Literal["slots", "idefics3"] = "slots"
     image_token: str = IMAGE_TOKEN
     image_token_id: int = -1                           # set from the tokenizer when the model is built
     # "sequential": LLaVA's layout, one position per token. "shared" is EXPERIMENTAL, for the
@@ -392,7 +402,7 @@ class VLMConfig(Config):
     image_positions: Literal["sequential", "shared"] = "sequential"
 
     def __post_init__(self) -> None:
-        _require(-self.vision.depth <= self.vision_layer < self.vision.depth,
+        _require(self.vision_layer is None or -self.vision.depth <= self.vision_layer < self.vision.depth,
                  f"vision_layer {self.vision_layer} is outside a {self.vision.depth}-layer vision tower")
         p = self.projector
         if p.kind == "pixel_shuffle":

@@ -1,7 +1,8 @@
 """`vlmkit convert SOURCE OUT`: pick the converter from what SOURCE is.
 
-* a vlmkit checkpoint directory is exported to Hugging Face (VLM -> LLaVA, CLIP-shaped dual
-  encoder -> CLIPModel, decoder -> LlamaForCausalLM / Qwen2ForCausalLM);
+* a vlmkit checkpoint directory is exported to Hugging Face (VLM -> LLaVA, or SmolVLM for
+  one with the tiled idefics3 image prompt; CLIP-shaped dual encoder -> CLIPModel; decoder
+  -> LlamaForCausalLM / Qwen2ForCausalLM);
 * a Hugging Face directory (by its config.json `model_type`) or a `.gguf` file is imported
   into a vlmkit checkpoint directory that `vlmkit.load` and the CLI read.
 
@@ -18,9 +19,10 @@ from vlmkit.convert.hf_io import ConversionError
 # model_type in config.json -> what it becomes
 IMPORTS = {
     "bert": "text_encoder", "clip": "dual_encoder", "siglip": "dual_encoder",
-    "llama": "decoder", "qwen2": "decoder", "llava": "vlm",
+    "llama": "decoder", "qwen2": "decoder", "llava": "vlm", "idefics3": "vlm", "smolvlm": "vlm",
 }
-EXPORTS = {"vlm": "LlavaForConditionalGeneration", "dual_encoder": "CLIPModel", "decoder": "LlamaForCausalLM"}
+EXPORTS = {"vlm": "LlavaForConditionalGeneration or SmolVLMForConditionalGeneration", "dual_encoder": "CLIPModel",
+           "decoder": "LlamaForCausalLM"}
 GGUF_NAMES = ("smollm2",)
 
 
@@ -46,7 +48,9 @@ def convert(source: str | Path, out: str | Path, download: bool = False) -> tupl
     what = detect(source)
     if what.startswith("vlmkit:"):
         kind = what.split(":", 1)[1]
-        if kind == "vlm":
+        if kind == "vlm" and config_of(source).get("image_prompt") == "idefics3":
+            from vlmkit.convert.hf_smolvlm import save_hf_smolvlm as export
+        elif kind == "vlm":
             from vlmkit.convert.hf_llava import save_hf_llava as export
         elif kind == "dual_encoder":
             from vlmkit.convert.hf_clip import save_hf_clip as export
@@ -70,12 +74,21 @@ def convert(source: str | Path, out: str | Path, download: bool = False) -> tupl
         from vlmkit.convert.hf_llama import import_hf_decoder
 
         import_hf_decoder(source, out)
+    elif what in ("idefics3", "smolvlm"):
+        from vlmkit.convert.hf_smolvlm import import_hf_smolvlm
+
+        import_hf_smolvlm(source, out)
     else:
         from vlmkit.convert.hf_llava import import_hf_llava
 
         import_hf_llava(source, out)
     kind = "decoder" if what == "gguf" else IMPORTS[what]
     return f"imported {what} -> vlmkit {kind}", out
+
+
+def config_of(source: Path) -> dict:
+    """A vlmkit checkpoint's model config."""
+    return hf_io.read_config(source).get("model", {})
 
 
 def _import_gguf(source: Path, out: Path) -> None:

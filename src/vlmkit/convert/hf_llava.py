@@ -234,8 +234,13 @@ def save_hf_llava(source, out: str | Path) -> Path:
     cfg: VLMConfig = model.cfg
     tokenizer = LMTokenizer.from_pretrained(source)
     transform = ImageTransform.from_dict(json.loads((source / "preprocessor.json").read_text()))
-    if cfg.projector.kind != "mlp" or (cfg.projector.hidden or cfg.decoder.width) != cfg.decoder.width:
-        raise ConversionError(f"projector kind {cfg.projector.kind!r} (hidden {cfg.projector.hidden}) has no LLaVA "
+    if cfg.vision_layer is None:
+        raise ConversionError("vision_layer None (the tower's normalised final tokens) has no LLaVA equivalent "
+                              "(LLaVA reads a block's raw output)")
+    if (cfg.projector.kind != "mlp" or cfg.projector.linear
+            or (cfg.projector.hidden or cfg.decoder.width) != cfg.decoder.width):
+        raise ConversionError(f"projector kind {cfg.projector.kind!r} (hidden {cfg.projector.hidden}, linear "
+                              f"{cfg.projector.linear}) has no LLaVA "
                               "equivalent; LLaVA needs kind 'mlp' with hidden = the LM width")
     if cfg.image_positions != "sequential":
         raise ConversionError(f"image_positions {cfg.image_positions!r} has no LLaVA equivalent (LLaVA gives each "

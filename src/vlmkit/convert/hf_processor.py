@@ -2,7 +2,8 @@
 
 Read: CLIPImageProcessor (CLIP, LLaVA-1.5), SiglipImageProcessor and LlavaImageProcessor
 without padding, in their torchvision, "Fast" and "Pil" spellings. Written: the CLIP or SigLIP
-layout, which AutoImageProcessor reads back. Both directions refuse, naming the key, whatever
+layout, which AutoImageProcessor reads back. Idefics3ImageProcessor / SmolVLMImageProcessor
+(image splitting into tiles and a global view) map onto a tiled ImageTransform both ways. Both directions refuse, naming the key, whatever
 would not give the same pixels: ImageTransform makes square images from a fixed recipe, so a
 size that follows the input, a non-square output, padding or a filter we lack cannot map.
 """
@@ -14,7 +15,7 @@ from vlmkit.convert.hf_io import ConversionError
 from vlmkit.data.images import ImageTransform
 
 # PIL resampling codes as configs store them (PIL.Image.Resampling values).
-_PIL_FILTERS = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+_PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 _PIL_CODES = {name: code for code, name in _PIL_FILTERS.items()}
 
 _OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -179,3 +180,74 @@ def image_processor_to_hf(transform: ImageTransform, kind: str) -> dict:
         "do_convert_rgb": True,
     })
     return out
+
+
+# ----------------------------------------------------------------------------- Idefics3 / SmolVLM
+_TILED_DEFAULTS = {
+    "do_resize": True, "size": {"longest_edge": 4 * 364}, "resample": 1,
+    "do_image_splitting": True, "max_image_size": {"longest_edge": 364},
+    "do_rescale": True, "rescale_factor": 1 / 255,
+    "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    "do_convert_rgb": True, "do_pad": True,
+}
+TILED_PROCESSORS = ("Idefics3ImageProcessor", "SmolVLMImageProcessor")
+
+
+def _longest_edge(value: Any, key: str) -> int:
+    edge = value.get("longest_edge") if isinstance(value, dict) else None
+    if isinstance(edge, bool) or not isinstance(edge, int) or edge < 1:
+        raise ConversionError(f"{key} {value!r} must be {{'longest_edge': n}}")
+    return edge
+
+
+def tiled_transform_from_hf(preprocessor_config: dict) -> ImageTransform:
+    """Idefics3 / SmolVLM image-processor settings -> the tiled ImageTransform giving their pixels.
+
+    do_pad is accepted and has no effect here: it pads images of one batch to a common size
+    with all-zero tiles, which the model drops before its vision tower.
+    """
+    cfg = dict(preprocessor_config)
+    name = str(cfg.get("image_processor_type")).removesuffix("Fast").removesuffix("Pil")
+    if name not in TILED_PROCESSORS:
+        raise ConversionError(f"image_processor_type {cfg.get('image_processor_type')!r} is not supported here; "
+                              f"supported: {', '.join(TILED_PROCESSORS)}")
+
+    def get(key: str) -> Any:
+        value = cfg.get(key)
+        return _TILED_DEFAULTS.get(key) if value is None else value
+
+    known = {"do_resize", "do_image_splitting", "do_rescale", "do_normalize", "do_convert_rgb", "do_pad"}
+    for key in sorted(k for k in cfg if k.startswith("do_") and k not in known):
+        if cfg[key]:
+            raise ConversionError(f"{key}={cfg[key]!r} is not supported (vlmkit has no such step)")
+    if not get("do_resize"):
+        raise ConversionError("do_resize=False is not supported: the tiles would follow each image's size")
+    resample = get("resample")
+    if isinstance(resample, bool) or resample not in _PIL_FILTERS:
+        raise ConversionError(f"resample {resample!r} is not supported; supported PIL codes: {_PIL_FILTERS}")
+    if get("do_normalize"):
+        mean, std = _three(get("image_mean"), "image_mean"), _three(get("image_std"), "image_std")
+    else:
+        mean, std = [0.0] * 3, [1.0] * 3
+    factor = get("rescale_factor") if get("do_rescale") else 1.0
+    try:
+        return ImageTransform(size=_longest_edge(get("max_image_size"), "max_image_size"), resize_mode="squash",
+                              interpolation=_PIL_FILTERS[resample], mean=tuple(mean), std=tuple(std),
+                              rescale_factor=float(factor),
+                              tile_longest_edge=_longest_edge(get("size"), "size"),
+                              split=bool(get("do_image_splitting")))
+    except ValueError as e:
+        raise ConversionError(f"{e} (from {name} settings)") from None
+
+
+def tiled_processor_to_hf(transform: ImageTransform, name: str = "SmolVLMImageProcessor") -> dict:
+    """A tiled ImageTransform -> Idefics3 / SmolVLM image-processor settings."""
+    t = transform
+    if not t.tiled:
+        raise ConversionError("this preprocessing does not split images; Idefics3 / SmolVLM processors always "
+                              "resize to a longest edge first (set tile_longest_edge)")
+    return {"image_processor_type": name, "do_resize": True, "size": {"longest_edge": t.tile_longest_edge},
+            "resample": _PIL_CODES[t.interpolation], "do_image_splitting": t.split,
+            "max_image_size": {"longest_edge": t.size}, "do_rescale": True, "rescale_factor": t.rescale_factor,
+            "do_normalize": True, "image_mean": list(t.mean), "image_std": list(t.std), "do_convert_rgb": True,
+            "do_pad": True}

@@ -32,12 +32,14 @@ def _messages(conversation) -> list:
     return list(conversation.messages) if hasattr(conversation, "messages") else list(conversation)
 
 
-def encode_conversation(conversation, tokenizer: LMTokenizer, image_tokens: int, max_length: int,
-                        add_generation_prompt: bool = False) -> Encoded:
+def encode_conversation(conversation, tokenizer: LMTokenizer, image_tokens: int | Sequence[Sequence[int]],
+                        max_length: int, add_generation_prompt: bool = False) -> Encoded:
     """Token ids and labels for a conversation (a `Conversation` or a list of messages).
 
     For training, the last message is the assistant's and is labelled with the others; for
     generation pass `add_generation_prompt=True` and a conversation ending with the user.
+    Each image placeholder becomes `image_tokens` image-token slots, or, given a list, the
+    ids listed for that image (`data.image_prompt`: tiles and their markers).
     """
     messages = _messages(conversation)
     if not messages:
@@ -76,14 +78,22 @@ def encode_conversation(conversation, tokenizer: LMTokenizer, image_tokens: int,
             if token == image_id:
                 if is_answer:
                     raise ValueError(f"an assistant message contains the image placeholder {IMAGE_TOKEN}")
+                if isinstance(image_tokens, int):
+                    expansion = [image_id] * image_tokens
+                elif n_images < len(image_tokens):
+                    expansion = list(image_tokens[n_images])
+                else:
+                    raise ValueError(f"the conversation holds more image placeholders than the "
+                                     f"{len(image_tokens)} images given")
                 n_images += 1
-                ids += [image_id] * image_tokens
-                labels += [IGNORE] * image_tokens
+                ids += expansion
+                labels += [IGNORE] * len(expansion)
             else:
                 ids.append(token)
                 labels.append(token if is_answer else IGNORE)
     if len(ids) > max_length:
-        raise PromptTooLong(f"the conversation is {len(ids)} tokens ({n_images} images of {image_tokens} tokens "
+        slots = sum(i == image_id for i in ids)
+        raise PromptTooLong(f"the conversation is {len(ids)} tokens ({n_images} images, {slots} image tokens "
                             f"included), more than the limit of {max_length}")
     return Encoded(ids, labels, n_images)
 

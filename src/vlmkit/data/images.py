@@ -125,11 +125,43 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
 
 
 _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-             "bicubic": Image.Resampling.BICUBIC}
+             "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
 _RESIZE_MODES = ("squash", "shortest_crop", "pad")
 # Above this many pixels the intermediate of the `shortest_edge` resize is not materialised.
 _MAX_RESIZED_PIXELS = 1 << 25
-_LATER_FIELDS = ("shortest_edge", "rescale_factor")
+_LATER_FIELDS = ("shortest_edge", "rescale_factor", "tile_longest_edge", "split")
+# Idefics3's bound on any side after its first resize ("4k resolution as absolute maximum").
+_MAX_TILED_SIDE = 4096
+
+
+def _tiled_size(height: int, width: int, longest: int) -> tuple[int, int]:
+    """(height, width) with the longest side at `longest`, the other in proportion and even, at most 4096."""
+    aspect = width / height
+    if width >= height:
+        width, height = longest, int(longest / aspect)
+        height += height % 2
+    else:
+        height, width = longest, int(longest * aspect)
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+    aspect = width / height
+    if width >= height and width > _MAX_TILED_SIDE:
+        width, height = _MAX_TILED_SIDE, int(_MAX_TILED_SIDE / aspect)
+    elif height > width and height > _MAX_TILED_SIDE:
+        height, width = _MAX_TILED_SIDE, int(_MAX_TILED_SIDE * aspect)
+    return max(height, 1), max(width, 1)
+
+
+def _whole_tiles(height: int, width: int, tile: int) -> tuple[int, int]:
+    """(height, width) rounded up to whole tiles, the longer side first, as Idefics3 rounds."""
+    aspect = width / height
+    if width >= height:
+        width = math.ceil(width / tile) * tile
+        height = math.ceil(int(width / aspect) / tile) * tile
+    else:
+        height = math.ceil(height / tile) * tile
+        width = math.ceil(int(height * aspect) / tile) * tile
+    return height, width
 
 
 @dataclass
@@ -146,6 +178,9 @@ class ImageTransform:
     processor has do_rescale=False).
     random_crop_scale < 1 adds, only when `train=True`, a random crop of that fraction..1 of
     the area with the aspect kept; off by default because `shapes` captions name positions.
+    tile_longest_edge (with resize_mode "squash"): image splitting as Idefics3 / SmolVLM do it,
+    so a tower of `size` pixels reads a large image (see `tiles`); None turns it off. `split`
+    False keeps only the global view (Idefics3's do_image_splitting=False).
     """
 
     size: int = 224
@@ -156,6 +191,8 @@ class ImageTransform:
     random_crop_scale: float = 1.0
     shortest_edge: int | None = None
     rescale_factor: float = 1 / 255
+    tile_longest_edge: int | None = None
+    split: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
@@ -188,7 +225,17 @@ class ImageTransform:
             raise ValueError(f"rescale_factor must be a number > 0, got {self.rescale_factor!r}") from None
         if not (self.rescale_factor > 0 and math.isfinite(self.rescale_factor)):
             raise ValueError(f"rescale_factor must be a number > 0, got {self.rescale_factor!r}")
+        edge = self.tile_longest_edge
+        if edge is not None:
+            if isinstance(edge, bool) or not isinstance(edge, int) or edge < self.size:
+                raise ValueError(f"tile_longest_edge must be an int >= size ({self.size}) or None, got {edge!r}")
+            if self.resize_mode != "squash":
+                raise ValueError(f"tile_longest_edge needs resize_mode 'squash' (tiles and the global view are "
+                                 f"squashed), got {self.resize_mode!r}")
 
+    @property
+    def tiled(self) -> bool:
+        return self.tile_longest_edge is not None
     def __call__(self, img: Image.Image, train: bool = False, rng: random.Random | None = None) -> torch.Tensor:
         img = _to_rgb(img)
         w, h = img.size
@@ -199,13 +246,43 @@ class ImageTransform:
             cw, ch = w * side, h * side
             x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
             box = (x0, y0, x0 + cw, y0 + ch)
+        if self.tiled:  # one tensor per image: the global view (`tiles` gives all views)
+            return self.tiles(img)[0][-1]
+        return self._normalise(self._resize(img, box))
+
+    def _normalise(self, img: Image.Image) -> torch.Tensor:
         # float64 product then float32, as HF's rescale does; for 1/255 this equals the float32
         # division vlmkit used before, bit for bit, for every uint8 value.
-        pixels = np.asarray(self._resize(img, box), dtype=np.float64) * self.rescale_factor
+        pixels = np.asarray(img, dtype=np.float64) * self.rescale_factor
         x = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
         return ((x - mean) / std).contiguous()
+
+    def tiles(self, img: Image.Image) -> tuple[torch.Tensor, int, int]:
+        """All views of an image: (pixels [n, 3, size, size], rows, cols).
+
+        Untiled: the one view, rows = cols = 0. Tiled, in Idefics3's order and rounding (so
+        the pixels equal transformers'): the longest side goes to `tile_longest_edge` (the
+        other kept in proportion, made even), both sides then up to whole tiles of `size`;
+        an image larger than one tile becomes rows x cols tiles, row by row, followed by the
+        whole image squashed to one tile (the global view). An image of one tile, or any
+        image with `split` False, is the global view alone (rows = cols = 0).
+        """
+        img = _to_rgb(img)
+        if not self.tiled:
+            return self._normalise(self.resize(img))[None], 0, 0
+        s, resample = self.size, _RESAMPLE[self.interpolation]
+        img = img.resize(_tiled_size(img.height, img.width, self.tile_longest_edge)[::-1], resample)
+        if self.split:
+            img = img.resize(_whole_tiles(img.height, img.width, s)[::-1], resample)
+        rows = cols = 0
+        views = []
+        if self.split and (img.height > s or img.width > s):
+            rows, cols = img.height // s, img.width // s
+            views = [img.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(rows) for c in range(cols)]
+        views.append(img.resize((s, s), resample))
+        return torch.stack([self._normalise(v) for v in views]), rows, cols
 
     def resize(self, img: Image.Image) -> Image.Image:
         """The geometric part alone (eval mode): an RGB image of size x size."""

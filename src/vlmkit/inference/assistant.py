@@ -12,6 +12,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from vlmkit.data.chat import encode_conversation
+from vlmkit.data.image_prompt import ImagePrompt
 from vlmkit.data.images import ImageTransform, load_image
 from vlmkit.data.lm_tokenizer import IMAGE_TOKEN, LMTokenizer
 from vlmkit.data.messages import count_images, normalize, prepend_images, text_of
@@ -40,6 +41,8 @@ class VisionLanguageAssistant:
         self.model = model.to(device).eval()
         self.tokenizer, self.transform, self.device = tokenizer, transform, device
         self.engine = Engine(self.model, tokenizer.pad_id)
+        cfg = self.model.cfg
+        self.image_prompt = ImagePrompt(tokenizer, cfg.image_prompt, cfg.image_tokens, cfg.image_token)
 
     @property
     def context_length(self) -> int:
@@ -58,11 +61,22 @@ class VisionLanguageAssistant:
             if placeholders == 0:   # like LLaVA: images without placeholders go before the first user text
                 first = next(i for i, m in enumerate(messages) if m["role"] == "user")
                 messages[first] = prepend_images(messages[first], len(images))
-        budget = self.context_length - 1
-        ids = encode_conversation(messages, self.tokenizer, self.model.cfg.image_tokens, budget,
+        pixels, expansions = self.views(images)
+        ids = encode_conversation(messages, self.tokenizer, expansions, self.context_length - 1,
                                   add_generation_prompt=True).ids
-        pixels = torch.stack([self.transform(load_image(im)) for im in images]) if images else None
         return ids, pixels
+
+    def views(self, images: Sequence) -> tuple[torch.Tensor | None, list[tuple[int, ...]]]:
+        """Images -> (every view's pixels [n_views, 3, H, W] or None, each image's placeholder ids).
+
+        One view per image, or, when the preprocessing splits images, its tiles and global view.
+        """
+        pixels, expansions = [], []
+        for image in images:
+            views, rows, cols = self.transform.tiles(load_image(image))
+            pixels.append(views)
+            expansions.append(self.image_prompt.ids(rows, cols))
+        return (torch.cat(pixels) if pixels else None), expansions
 
     def _params(self, r: Request) -> SamplingParams:
         return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
@@ -177,10 +191,11 @@ class VisionLanguageAssistant:
         return sorted(zip(labels, probs.tolist()), key=lambda p: -p[1])
 
     def _answer_logprob(self, messages, images) -> float:
-        enc = encode_conversation(messages, self.tokenizer, self.model.cfg.image_tokens, self.context_length)
+        pixels, expansions = self.views(images)
+        enc = encode_conversation(messages, self.tokenizer, expansions, self.context_length)
         ids = torch.tensor([enc.ids], device=self.device)
         labels = torch.tensor([enc.labels], device=self.device)
-        pixels = torch.stack([self.transform(load_image(im)) for im in images]).to(self.device)
+        pixels = pixels.to(self.device)
         logits = self.model(ids, pixels=pixels)[0, :-1].float().log_softmax(-1)
         targets = labels[0, 1:]
         keep = targets != -100
@@ -206,6 +221,8 @@ class VisionLanguageAssistant:
         Returns (answer tokens as text, weights [T, K] over the K image tokens). Without
         `answer`, the model's own greedy answer is used.
         """
+        if self.transform.tiled:
+            raise ValueError("attention maps need one view per image; this model splits images into tiles")
         answer = self.ask(image, question) if answer is None else answer
         messages = [{"role": "user", "content": IMAGE_TOKEN + "\n" + question},
                     {"role": "assistant", "content": answer}]

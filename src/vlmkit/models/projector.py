@@ -2,7 +2,8 @@
 
 - `mlp`: two linear layers with a GELU between, one output token per patch (LLaVA-1.5).
 - `pixel_shuffle`: merge each f x f block of neighbouring patches into one token by
-  concatenating their features, then the MLP (SmolVLM / nanoVLM): f^2 fewer image tokens.
+  concatenating their features, then the MLP (nanoVLM), or one bias-free Linear with
+  `linear` (Idefics3 / SmolVLM): f^2 fewer image tokens.
 - `resampler`: a fixed number of learned queries cross-attend to the patches, then the
   MLP (Q-Former / Perceiver-resampler style): the token count no longer depends on the image.
 """
@@ -72,10 +73,12 @@ class Projector(nn.Module):
         super().__init__()
         self.kind, self.factor = cfg.kind, cfg.shuffle_factor
         hidden = cfg.hidden or lm_width
-        if cfg.kind == "mlp":
-            self.net = MLPProjector(vision_width, lm_width, hidden)
-        elif cfg.kind == "pixel_shuffle":
-            self.net = MLPProjector(vision_width * cfg.shuffle_factor ** 2, lm_width, hidden)
+        if cfg.linear and cfg.kind == "resampler":
+            raise ValueError("projector.linear replaces the MLP of the mlp and pixel_shuffle projectors, "
+                             "not the resampler")
+        if cfg.kind in ("mlp", "pixel_shuffle"):
+            width = vision_width * (cfg.shuffle_factor ** 2 if cfg.kind == "pixel_shuffle" else 1)
+            self.net = nn.Linear(width, lm_width, bias=False) if cfg.linear else MLPProjector(width, lm_width, hidden)
         elif cfg.kind == "resampler":
             self.net = Resampler(vision_width, lm_width, hidden, cfg.queries, cfg.heads)
         else:
@@ -104,8 +107,10 @@ class Projector(nn.Module):
         """
         if self.kind == "pixel_shuffle":
             patches = pixel_shuffle(patches, self.factor)
-        first = self.net.fc1 if self.kind != "resampler" else None
-        if first is not None:  # the resampler normalises its inputs with LayerNorm already
+        # The resampler normalises its inputs with LayerNorm already; a bias-free Linear has no
+        # bias to take the mean into, and is a published model's part, not one to start.
+        first = self.net.fc1 if isinstance(self.net, MLPProjector) else None
+        if first is not None:
             x = patches.reshape(-1, patches.shape[-1]).float()
             mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
             # fc1(x) = W x + b  ->  W ((x - mean) / std) + b  =  (W / std) x + (b - W (mean / std))
