@@ -6,6 +6,7 @@ import logging
 import sys
 
 import pytest
+import torch
 
 from vlmkit.cli import main
 from vlmkit.data.prepared import DataError
@@ -155,7 +156,8 @@ def test_llava_json_data_trains(tmp_path):
                                           {"from": "gpt", "value": ex.caption}]})
     for i in range(0, 8, 2):  # several images per conversation, placed by their markers
         records.append({"id": f"pair{i}", "image": [f"{i}.png", f"{i + 1}.png"],
-                        "conversations": [{"from": "human", "value": "First <image>, then <image>. Describe the second."},
+                        "conversations": [{"from": "human",
+                                           "value": "First <image>, then <image>. Describe the second."},
                                           {"from": "gpt", "value": shapes[i + 1].caption}]})
     records.append({"id": "broken", "image": "broken.png",
                     "conversations": [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "x"}]})
@@ -183,3 +185,75 @@ def test_without_the_metrics_extra_the_model_is_saved_and_captions_are_reported_
     assert (tmp_path / "model" / "model.safetensors").is_file()
     assert "pip install 'vlmkit[metrics]'" in run.results["caption"]["skipped"]
     assert "vqa" in run.results and "skipped" in (tmp_path / "eval.md").read_text()
+
+
+def test_image_splitting_trains_and_answers(tmp_path, monkeypatch):
+    """data.split_longest_edge: a 48 px tower reads 96 px images as 2x2 tiles and a global view,
+    marked with Idefics3's row/column tokens; training, evaluation and the assistant agree."""
+    import vlmkit
+    from vlmkit.data.sources.shapes import Shapes
+    from vlmkit.inference.assistant import Request
+
+    tiled = {**LEARNABLE, "data.split_longest_edge": 96, "data.max_length": 200, "data.train_size": 200,
+             "data.eval_size": 10, "instruct.train.steps": 40, "instruct.train.log_every": 1}
+    run = train_vlm(vlm_preset("tiny").override(tiled), tmp_path / "cached", progress=False, hooks=VlmHooks())
+    assert run.status == "done" and run.results["vqa"]["count"] == 10
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "cached" / "instruct" / "metrics.jsonl").read_text()
+              .splitlines() if "loss" in line]
+    assert losses[-1] < 0.7 * losses[0]
+
+    model = vlmkit.load(run.model_dir, device="cpu")
+    assert model.model.cfg.image_prompt == "idefics3" and model.transform.tile_longest_edge == 96
+    image = Shapes("heldout", size=1, image_size=48, max_objects=1)[0].image
+    ids, pixels = model._prepare(Request([{"role": "user", "content": "<image>\nWhat colour is the shape?"}],
+                                         [image]))
+    K = model.model.cfg.image_tokens
+    assert len(pixels) == 5 and ids.count(model.tokenizer.image_id) == 5 * K
+    assert model.tokenizer.token_id("<row_2_col_2>") in ids
+    assert model.ask(image, "What colour is the shape?", max_new_tokens=4).strip()
+
+    # The frozen tower's cached tokens index views, not images: the same losses as from pixels.
+    short = {**tiled, "data.train_size": 60, "instruct.train.steps": 4}
+    train_vlm(vlm_preset("tiny").override(short), tmp_path / "a", progress=False)
+    monkeypatch.setattr(instruct, "_frozen_vision_tokens", lambda *args: None)
+    train_vlm(vlm_preset("tiny").override(short), tmp_path / "b", progress=False)
+    a, b = ([json.loads(line)["loss"] for line in (tmp_path / d / "instruct" / "metrics.jsonl").read_text()
+             .splitlines() if "loss" in line] for d in ("a", "b"))
+    assert len(a) == 4 and a == pytest.approx(b, rel=1e-4)
+
+
+def test_image_splitting_with_a_pretrained_lm_adds_its_markers(tmp_path):
+    """The LM's vocabulary grows by the tile markers; its own embeddings stay as they were."""
+    from vlmkit.checkpoint import load_model, save_checkpoint
+    from vlmkit.config import DecoderConfig
+    from vlmkit.data.lm_tokenizer import LMTokenizer
+    from vlmkit.models.decoder import DecoderLM
+
+    tokenizer = LMTokenizer.train(["What colour is the shape? red blue green"] * 5, vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    lm = DecoderLM(DecoderConfig(vocab_size=tokenizer.vocab_size - 1, width=32, depth=1, heads=4, kv_heads=2,
+                                 mlp_dim=64, max_positions=256, tie_embeddings=False))  # <image> lies past it
+    save_checkpoint(tmp_path / "lm", lm, "decoder", lm.cfg.to_dict(), tokenizer)
+    short = {**LEARNABLE, "data.split_longest_edge": 96, "data.max_length": 200, "data.train_size": 40,
+             "data.eval_size": 5, "instruct.train.steps": 2, "lm_init": str(tmp_path / "lm")}
+    run = train_vlm(vlm_preset("tiny").override(short), tmp_path / "run", progress=False)
+    assert run.status == "done"
+    trained = load_model(run.model_dir).language_model
+    grown = LMTokenizer.from_pretrained(run.model_dir)
+    assert trained.cfg.vocab_size == grown.vocab_size == tokenizer.vocab_size + 38   # 2 markers + 6 x 6 row/col
+    assert grown.token_id("<row_6_col_6>") < trained.cfg.vocab_size
+
+
+def test_grow_vocabulary_keeps_old_rows_and_ties():
+    from vlmkit.config import DecoderConfig
+    from vlmkit.models.decoder import DecoderLM
+
+    for tie in (True, False):
+        cfg = DecoderConfig(vocab_size=10, width=8, depth=1, heads=2, kv_heads=1, mlp_dim=16, tie_embeddings=tie)
+        state = DecoderLM(cfg).state_dict()
+        grown_cfg, grown = instruct.grow_vocabulary(cfg, state, 13)
+        model = DecoderLM(grown_cfg)
+        model.load_state_dict(grown)
+        assert torch.equal(model.embed.weight[:10], state["embed.weight"])
+        assert torch.allclose(model.embed.weight[10:], state["embed.weight"].mean(0).expand(3, -1))
+        assert (model.lm_head.weight is model.embed.weight) == tie

@@ -456,11 +456,19 @@ class VlmDataConfig(ImageDataConfig):
     # Training conversations ask up to this many questions about their image, one per turn
     # (captions stay alone); evaluation always asks one. See vqa_sets.merge_turns.
     train_turns: int = 1
+    # Image splitting (Idefics3 / SmolVLM's scheme), so a small tower reads large images: the
+    # longest side goes to this many pixels, the image is cut into tiles of the tower's size
+    # and followed by a global view; the prompt marks each tile's row and column (the model's
+    # image_prompt becomes "idefics3"). An image then costs (rows x cols + 1) x image_tokens
+    # tokens plus the markers. None: one view per image.
+    split_longest_edge: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.max_length > 0 and self.eval_size > 0, "data.max_length and eval_size must be positive")
         _require(self.train_turns >= 1, "data.train_turns must be >= 1")
+        _require(self.split_longest_edge is None or self.split_longest_edge > 0,
+                 "data.split_longest_edge must be positive (or null: no splitting)")
 
 
 @dataclass

@@ -19,6 +19,13 @@ from vlmkit.data.lm_tokenizer import LMTokenizer
 LAYOUTS = ("slots", "idefics3")
 FAKE_TOKEN = "<fake_token_around_image>"
 GLOBAL_TOKEN = "<global-img>"
+MAX_GRID = 6   # Idefics3's tokenizers have row/column markers up to <row_6_col_6>
+
+
+def tile_markers() -> list[str]:
+    """The special tokens the idefics3 layout writes, as Idefics3 / SmolVLM tokenizers hold them."""
+    return [FAKE_TOKEN, GLOBAL_TOKEN] + [f"<row_{r}_col_{c}>" for r in range(1, MAX_GRID + 1)
+                                         for c in range(1, MAX_GRID + 1)]
 
 
 def idefics3_text(rows: int, cols: int, slots: int, image_token: str) -> str:

@@ -260,7 +260,12 @@ class ImageTransform:
         return ((x - mean) / std).contiguous()
 
     def tiles(self, img: Image.Image) -> tuple[torch.Tensor, int, int]:
-        """All views of an image: (pixels [n, 3, size, size], rows, cols).
+        """All views of an image, normalised: (pixels [n, 3, size, size], rows, cols); see `views`."""
+        views, rows, cols = self.views(img)
+        return torch.stack([self._normalise(v) for v in views]), rows, cols
+
+    def views(self, img: Image.Image) -> tuple[list[Image.Image], int, int]:
+        """All views of an image as RGB images of size x size: (views, rows, cols).
 
         Untiled: the one view, rows = cols = 0. Tiled, in Idefics3's order and rounding (so
         the pixels equal transformers'): the longest side goes to `tile_longest_edge` (the
@@ -271,7 +276,7 @@ class ImageTransform:
         """
         img = _to_rgb(img)
         if not self.tiled:
-            return self._normalise(self.resize(img))[None], 0, 0
+            return [self.resize(img)], 0, 0
         s, resample = self.size, _RESAMPLE[self.interpolation]
         img = img.resize(_tiled_size(img.height, img.width, self.tile_longest_edge)[::-1], resample)
         if self.split:
@@ -282,7 +287,7 @@ class ImageTransform:
             rows, cols = img.height // s, img.width // s
             views = [img.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(rows) for c in range(cols)]
         views.append(img.resize((s, s), resample))
-        return torch.stack([self._normalise(v) for v in views]), rows, cols
+        return views, rows, cols
 
     def resize(self, img: Image.Image) -> Image.Image:
         """The geometric part alone (eval mode): an RGB image of size x size."""
@@ -345,8 +350,10 @@ class ImageTransform:
 
     @classmethod
     def for_data(cls, data: ImageDataConfig, tower_size: int) -> "ImageTransform":
-        """The preprocessing a run's data config asks for (`data.image_size` defaults to the tower's)."""
-        return cls(size=data.image_size or tower_size, resize_mode=data.resize_mode, mean=data.mean, std=data.std)
+        """The preprocessing a run's data config asks for (`data.image_size` defaults to the tower's;
+        a Stage 2 config's `split_longest_edge` turns image splitting on)."""
+        return cls(size=data.image_size or tower_size, resize_mode=data.resize_mode, mean=data.mean, std=data.std,
+                   tile_longest_edge=getattr(data, "split_longest_edge", None))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ImageTransform":

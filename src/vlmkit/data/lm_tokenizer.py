@@ -56,14 +56,21 @@ class LMTokenizer:
             raise ValueError(f"malformed chat template: {e}") from e
         self.reads_parts = reads_parts(chat_template)
 
+    def with_tokens(self, tokens: Sequence[str]) -> "LMTokenizer":
+        """A copy with `tokens` added as special tokens (new ids after the vocabulary; kept ones stay)."""
+        backend = HFTokenizer.from_str(self._backend.to_str())
+        backend.add_special_tokens(list(tokens))
+        return LMTokenizer(backend, self.special_tokens, self.chat_template, self.model_max_length)
+
     def with_template(self, chat_template: str) -> "LMTokenizer":
         """The same vocabulary with another chat template (a VLM processor's, say)."""
         return LMTokenizer(self._backend, self.special_tokens, chat_template, self.model_max_length)
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 1000, min_frequency: int = 2) -> "LMTokenizer":
-        """Byte-level BPE on `texts`, with ChatML special tokens first (pad=0).
+    def train(cls, texts: Iterable[str], vocab_size: int = 1000, min_frequency: int = 2,
+              extra_tokens: Sequence[str] = ()) -> "LMTokenizer":
+        """Byte-level BPE on `texts`, with ChatML special tokens first (pad=0), then `extra_tokens`.
 
         Train on conversations rendered with the template (`render_chatml`), so the words
         the template adds ("user", "assistant") become single tokens too.
@@ -72,7 +79,7 @@ class LMTokenizer:
         if not corpus:
             raise ValueError("cannot train a tokenizer on an empty corpus")
         specials = [DEFAULT_SPECIALS["pad_token"], DEFAULT_SPECIALS["bos_token"], DEFAULT_SPECIALS["eos_token"],
-                    IMAGE_TOKEN]
+                    IMAGE_TOKEN, *extra_tokens]
         backend = HFTokenizer(models.BPE())
         backend.add_special_tokens(specials)   # kept whole in the corpus, never merged into words
         # One token per digit (as Llama and SmolLM2 do): numbers, box coordinates included,

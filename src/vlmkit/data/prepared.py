@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -31,6 +32,10 @@ class PreparedPairs:
     std: tuple[float, float, float]
     skipped: int = 0
     rows: torch.Tensor | None = None  # long [N]: each image's index in the source (unreadable ones are gone)
+    # Split images (a tiled transform): `images` holds each image's global view, `views` every
+    # view (tiles row by row, then the global view) and `grids` each image's (first view, rows, cols).
+    views: torch.Tensor | None = None     # uint8 [V, 3, S, S]
+    grids: list[tuple[int, int, int]] | None = None
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -39,8 +44,28 @@ class PreparedPairs:
         """The given rows, in the given order."""
         captions = [self.captions[i] for i in rows.tolist()]
         source_rows = None if self.rows is None else self.rows[rows]
+        grids = None if self.grids is None else [self.grids[i] for i in rows.tolist()]
         return PreparedPairs(self.images[rows], captions, self.labels[rows], self.mean, self.std, self.skipped,
-                             source_rows)
+                             source_rows, self.views, grids)
+
+    def grid(self, row: int) -> tuple[int, int]:
+        """(rows, cols) of tiles image `row` was split into; (0, 0) when it was not."""
+        return (0, 0) if self.grids is None else self.grids[row][1:]
+
+    def view_rows(self, rows: Sequence[int]) -> list[int]:
+        """The rows of `view_pixels` holding these images' views, in order."""
+        if self.grids is None:
+            return list(rows)
+        return [v for r in rows for first, n_rows, n_cols in [self.grids[r]]
+                for v in range(first, first + n_rows * n_cols + 1)]
+
+    @property
+    def num_views(self) -> int:
+        return len(self.images) if self.views is None else len(self.views)
+
+    def view_pixels(self, index: torch.Tensor | slice) -> torch.Tensor:
+        """Normalised float pixels of the given views (rows of `view_rows`)."""
+        return self._normalise(self.images[index] if self.views is None else self.views[index])
 
     def subset(self, mask: torch.Tensor) -> "PreparedPairs":
         """The rows where the boolean `mask` is true."""
@@ -61,8 +86,11 @@ class PreparedPairs:
         return self.take(torch.tensor(rows[:limit], dtype=torch.long))
 
     def pixels(self, index: torch.Tensor | slice) -> torch.Tensor:
-        """Normalised float pixels [B, 3, S, S] for the given rows."""
-        x = self.images[index].float().div_(255.0)
+        """Normalised float pixels [B, 3, S, S] for the given rows (the global view of a split image)."""
+        return self._normalise(self.images[index])
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255.0)
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return (x - mean) / std
@@ -80,8 +108,9 @@ class _Decoded(Dataset):
             ex = self.source[i]
         except (ImageDecodeError, FileNotFoundError) as e:
             return None, str(e)
-        pixels = torch.from_numpy(np.asarray(self.transform.resize(ex.image)).copy()).permute(2, 0, 1)  # uint8
-        return (pixels, ex.caption, -1 if ex.label is None else int(ex.label), i), None
+        views, rows, cols = self.transform.views(ex.image)
+        views = torch.stack([torch.from_numpy(np.asarray(v).copy()).permute(2, 0, 1) for v in views])  # uint8
+        return (views[-1], ex.caption, -1 if ex.label is None else int(ex.label), i, views, rows, cols), None
 
 
 def _collate(items):
@@ -108,7 +137,8 @@ def prepare(
     # so preparing one more set would change the weights a model is then initialised with.
     loader = DataLoader(_Decoded(source, transform, count), batch_size=256, num_workers=num_workers,
                         collate_fn=_collate, generator=torch.Generator().manual_seed(0))
-    images, captions, labels, kept, errors = [], [], [], [], []
+    images, captions, labels, kept, errors, views, grids = [], [], [], [], [], [], []
+    n_views = 0
     with tqdm(total=count, desc=desc, unit="img", leave=False, mininterval=0.1 if sys.stderr.isatty() else 30) as bar:
         for batch in loader:
             for item, error in batch:
@@ -119,6 +149,10 @@ def prepare(
                     captions.append(item[1])
                     labels.append(item[2])
                     kept.append(item[3])
+                    if transform.tiled:
+                        grids.append((n_views, item[5], item[6]))
+                        views.append(item[4])
+                        n_views += len(item[4])
             bar.update(len(batch))
     if errors and len(errors) / count > max_bad_fraction:
         raise DataError(
@@ -129,4 +163,5 @@ def prepare(
         raise DataError(f"no readable images in {source.name!r}")
     return PreparedPairs(torch.stack(images), captions, torch.tensor(labels, dtype=torch.long),
                          tuple(transform.mean), tuple(transform.std), skipped=len(errors),
-                         rows=torch.tensor(kept, dtype=torch.long))
+                         rows=torch.tensor(kept, dtype=torch.long),
+                         views=torch.cat(views) if transform.tiled else None, grids=grids if transform.tiled else None)

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from vlmkit.data.chat import encode_conversation
 from vlmkit.data.conversation import Conversation
+from vlmkit.data.image_prompt import ImagePrompt
 from vlmkit.data.lm_tokenizer import LMTokenizer
 from vlmkit.data.vqa_sets import ConversationSet
 from vlmkit.evaluation.captions import caption_scores
@@ -49,17 +50,18 @@ def generate_answers(model, tokenizer: LMTokenizer, data: ConversationSet, indic
     """Greedy answers to the last question of each chosen conversation."""
     engine = Engine(model, tokenizer.pad_id)
     params = SamplingParams(max_new_tokens=max_new_tokens, stop_ids=(tokenizer.eos_id,))
-    K, limit = model.cfg.image_tokens, model.cfg.decoder.max_positions
+    cfg, limit = model.cfg, model.cfg.decoder.max_positions
+    prompt = ImagePrompt(tokenizer, cfg.image_prompt, cfg.image_tokens, cfg.image_token)
     answers: list[str] = []
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(indices), desc="answering", leave=False, disable=not progress)
     for start in range(0, len(indices), batch_size):
         chunk = [data.conversations[i] for i in indices[start:start + batch_size]]
-        prompts = [encode_conversation(prompt_of(c), tokenizer, K, limit, add_generation_prompt=True).ids
-                   for c in chunk]
-        pixels = [data.images.pixels(torch.tensor(c.images, dtype=torch.long)) if c.images else None
-                  for c in chunk]
+        prompts = [encode_conversation(prompt_of(c), tokenizer, [prompt.ids(*data.images.grid(r)) for r in c.images],
+                                       limit, add_generation_prompt=True).ids for c in chunk]
+        pixels = [data.images.view_pixels(torch.tensor(data.images.view_rows(c.images), dtype=torch.long))
+                  if c.images else None for c in chunk]
         for out in engine.generate(prompts, pixels, params):
             answers.append(tokenizer.decode(out).strip())
         bar.update(len(chunk))

@@ -19,8 +19,9 @@ import torch
 from tqdm import tqdm
 
 from vlmkit.checkpoint import load_weights, read_vision_tower
-from vlmkit.config import PhaseConfig, VlmRunConfig
+from vlmkit.config import DecoderConfig, PhaseConfig, VlmRunConfig
 from vlmkit.data.chat import Encoded, PromptTooLong, collate, encode_conversation
+from vlmkit.data.image_prompt import MAX_GRID, ImagePrompt, tile_markers
 from vlmkit.data.images import ImageTransform
 from vlmkit.data.lm_tokenizer import LMTokenizer, render_chatml
 from vlmkit.data.prepared import DataError
@@ -37,13 +38,15 @@ from vlmkit.training.trainer import Trainer, param_groups
 log = logging.getLogger(__name__)
 
 
-def encode_all(data: ConversationSet, tokenizer: LMTokenizer, image_tokens: int, max_length: int) -> tuple[list[Encoded], int]:
+def encode_all(data: ConversationSet, tokenizer: LMTokenizer, prompt: ImagePrompt,
+               max_length: int) -> tuple[list[Encoded], int]:
     """Encode every conversation; too-long ones are skipped and counted, any other problem raises."""
     encoded, too_long = [], 0
     for i, c in enumerate(data.conversations):
         c.validate(f"conversation {i}")
         try:
-            encoded.append(encode_conversation(c, tokenizer, image_tokens, max_length))
+            expansions = [prompt.ids(*data.images.grid(r)) for r in c.images]
+            encoded.append(encode_conversation(c, tokenizer, expansions, max_length))
         except PromptTooLong:
             too_long += 1
             encoded.append(None)
@@ -87,9 +90,14 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
     if vision_state is not None and pre:
         # The tower's own preprocessing, whole: an imported CLIP also carries its
         # shortest-edge resize and rescale factor, which the data config has no fields for.
-        transform = ImageTransform.from_dict(pre)
+        transform = ImageTransform.from_dict({**pre, "tile_longest_edge": data_cfg.split_longest_edge})
     else:
         transform = ImageTransform.for_data(data_cfg, model_cfg.vision.image_size)
+    if transform.tiled:   # the LM must be told where each tile sits
+        model_cfg = model_cfg.replace(image_prompt="idefics3")
+        if transform.tile_longest_edge > MAX_GRID * transform.size:
+            raise ValueError(f"data.split_longest_edge {transform.tile_longest_edge} would cut more than {MAX_GRID} "
+                             f"tiles of {transform.size} px along a side; the row/column markers stop at {MAX_GRID}")
 
     # ---- data
     train_set = build_set(data_cfg, "train", data_cfg.train_size, transform)
@@ -104,10 +112,14 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
         lm, tokenizer = load_decoder(cfg.lm_init, max_positions=model_cfg.decoder.max_positions)
         decoder_cfg, lm_state = lm.cfg, lm.state_dict()
         del lm
+        if model_cfg.image_prompt == "idefics3":   # the tile markers become new, trainable words
+            tokenizer = tokenizer.with_tokens(tile_markers())
+            decoder_cfg, lm_state = grow_vocabulary(decoder_cfg, lm_state, tokenizer.vocab_size)
     else:
+        markers = tile_markers() if model_cfg.image_prompt == "idefics3" else ()
         tokenizer = run_tokenizer(out_dir, resume, lambda: LMTokenizer.train(
-            [render_chatml(c.messages) for c in train_set.conversations], vocab_size=cfg.tokenizer_vocab),
-            LMTokenizer.from_pretrained)
+            [render_chatml(c.messages) for c in train_set.conversations], vocab_size=cfg.tokenizer_vocab,
+            extra_tokens=markers), LMTokenizer.from_pretrained)
         decoder_cfg = model_cfg.decoder.replace(vocab_size=tokenizer.vocab_size)
     model_cfg = model_cfg.replace(decoder=decoder_cfg.to_dict(), image_token_id=tokenizer.image_id)
     model = VisionLanguageModel(model_cfg)
@@ -118,7 +130,8 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
     model.to(device)
 
     max_length = min(data_cfg.max_length, decoder_cfg.max_positions)
-    encoded, too_long = encode_all(train_set, tokenizer, model_cfg.image_tokens, max_length)
+    prompt = ImagePrompt(tokenizer, model_cfg.image_prompt, model_cfg.image_tokens, model_cfg.image_token)
+    encoded, too_long = encode_all(train_set, tokenizer, prompt, max_length)
     if too_long:
         log.warning(f"{too_long} training conversations skipped: longer than data.max_length={max_length} tokens")
     run_config = {**cfg.to_dict(), "model": model_cfg.to_dict(), "data": data_cfg.to_dict()}
@@ -158,12 +171,13 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
         def batch_fn(step: int, micro: int, rows=rows, plan=plan, cached=cached):
             chosen = [rows[i] for i in plan(step, micro).tolist()]
             batch = collate([encoded[i] for i in chosen], tokenizer.pad_id)
-            image_rows = torch.tensor([r for i in chosen for r in train_set.conversations[i].images], dtype=torch.long)
+            images = [r for i in chosen for r in train_set.conversations[i].images]
+            views = torch.tensor(train_set.images.view_rows(images), dtype=torch.long)
             batch = {k: v.to(device) for k, v in batch.items()}
             if cached is not None:
-                batch["vision_tokens"] = cached[image_rows].to(device)
+                batch["vision_tokens"] = cached[views].to(device)
             else:
-                batch["pixels"] = train_set.images.pixels(image_rows).to(device)
+                batch["pixels"] = train_set.images.view_pixels(views).to(device)
             return batch
 
         def loss_fn(net, batch):
@@ -187,31 +201,50 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
     return finish_run(trained, hooks, save)
 
 
+def grow_vocabulary(cfg: DecoderConfig, state: dict[str, torch.Tensor], size: int) -> tuple[DecoderConfig, dict]:
+    """A pretrained LM's embeddings (and untied output rows) extended to `size` tokens.
+
+    New rows start as the mean of the existing ones: words the LM has never seen, placed
+    where an average word is, so they neither dominate nor vanish before training.
+    """
+    if size <= cfg.vocab_size:
+        return cfg, state
+    state = dict(state)
+    for key in ("embed.weight", "lm_head.weight"):
+        if key in state:
+            table = state[key]
+            state[key] = torch.cat([table, table.mean(0, keepdim=True).expand(size - len(table), -1)])
+    if cfg.tie_embeddings and "lm_head.weight" in state:   # one table under two names
+        state["lm_head.weight"] = state["embed.weight"]
+    return cfg.replace(vocab_size=size), state
+
+
 @torch.no_grad()
 def _calibrate_projector(model: VisionLanguageModel, data: ConversationSet, device, images: int = 512) -> None:
     """Standardise the projector's input on a sample of training images (see Projector.calibrate)."""
-    rows = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(0))[:images]
-    model.multi_modal_projector.calibrate(model.vision_tokens(data.images.pixels(rows).to(device)))
+    rows = torch.randperm(data.images.num_views, generator=torch.Generator().manual_seed(0))[:images]
+    model.multi_modal_projector.calibrate(model.vision_tokens(data.images.view_pixels(rows).to(device)))
 
 
 @torch.no_grad()
 def _frozen_vision_tokens(model: VisionLanguageModel, data: ConversationSet, rows: list[int], device,
                           progress: bool, budget_bytes: int = 4 << 30) -> torch.Tensor | None:
-    """A frozen tower maps each training image to fixed tokens: compute them once, not every step.
+    """A frozen tower maps each training view to fixed tokens: compute them once, not every step.
 
-    Returns [n_images, N, D_vision] on the CPU (rows of images no conversation in `rows`
-    uses stay zero), or None when that would not fit in `budget_bytes`.
+    Returns [n_views, N, D_vision] on the CPU (rows of views no conversation in `rows` uses
+    stay zero), or None when that would not fit in `budget_bytes`. A view is an image, or
+    one of its tiles when images are split.
     """
-    needed = sorted({r for i in rows for r in data.conversations[i].images})
+    needed = sorted(set(data.images.view_rows({r for i in rows for r in data.conversations[i].images})))
     cache = None
     for start in tqdm(range(0, len(needed), 256), desc="vision tokens", unit="batch", leave=False,
                       disable=not (progress and distributed.is_main())):
         chunk = torch.tensor(needed[start: start + 256], dtype=torch.long)
-        tokens = model.vision_tokens(data.images.pixels(chunk).to(device)).float().cpu()
+        tokens = model.vision_tokens(data.images.view_pixels(chunk).to(device)).float().cpu()
         if cache is None:
-            if len(data.images) * tokens[0].numel() * 4 > budget_bytes:
+            if data.images.num_views * tokens[0].numel() * 4 > budget_bytes:
                 return None
-            cache = torch.zeros(len(data.images), *tokens.shape[1:])
+            cache = torch.zeros(data.images.num_views, *tokens.shape[1:])
         cache[chunk] = tokens
     return cache
 
