@@ -22,6 +22,7 @@ from vlmkit.convert.hf_processor import tiled_transform_from_hf  # noqa: E402
 from vlmkit.convert.hf_smolvlm import load_hf_smolvlm  # noqa: E402
 from vlmkit.data.lm_tokenizer import LMTokenizer  # noqa: E402
 from vlmkit.inference.assistant import Request  # noqa: E402
+from vlmkit.inference.engine import SamplingParams  # noqa: E402
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 # The chat template SmolVLM-Instruct checkpoints ship.
@@ -90,7 +91,8 @@ def _hf_model(tmp_path, tokenizer, family: str, tie: bool, split: bool = True):
     tokenizer.save(path)
     settings = image_processor(split).to_dict()
     (path / "preprocessor_config.json").write_text(json.dumps(settings))
-    (path / "processor_config.json").write_text(json.dumps({"image_seq_len": 4, "processor_class": "Idefics3Processor"}))
+    processor = {"image_seq_len": 4, "processor_class": "Idefics3Processor"}
+    (path / "processor_config.json").write_text(json.dumps(processor))
     (path / "chat_template.json").write_text(json.dumps({"chat_template": SMOLVLM_TEMPLATE}))
     return model, path
 
@@ -247,3 +249,30 @@ def test_chat_and_serve_run_an_imported_model(tmp_path, tokenizer):
              {"type": "text", "text": "Which is brighter?"}]
     assert r.json()["choices"][0]["message"]["content"] == assistant.chat([{"role": "user", "content": parts}],
                                                                           max_new_tokens=5)
+
+
+def test_every_eos_token_id_of_generation_config_stops_the_answer(tmp_path, tokenizer):
+    """SmolVLM lists two end tokens; generation stops at either, as in transformers."""
+    hf, path = _hf_model(tmp_path, tokenizer, "smolvlm", False)
+    convert(path, tmp_path / "plain")
+    image = picture((45, 37), 11)
+    free = vlmkit.load(tmp_path / "plain", device="cpu")
+    ids, pixels = free._prepare(Request([{"role": "user", "content": "<image>Describe the image."}], [image]))
+    first = free.engine.generate([ids], [pixels], SamplingParams(max_new_tokens=3))[0]
+    stop = first[1]   # the second greedy token becomes an end token
+    assert first[0] != stop
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [tokenizer.eos_id, stop]}))
+    convert(path, tmp_path / "ours")
+    assistant = vlmkit.load(tmp_path / "ours", device="cpu")
+    assert assistant.tokenizer.stop_ids == (tokenizer.eos_id, stop)
+    answer = assistant.ask(image, "Describe the image.", max_new_tokens=8)
+    assert answer == tokenizer.decode(first[:1])
+    question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+    _, inputs = _inputs(_processor(path), question, [image])
+    with torch.no_grad():
+        out = hf.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=[tokenizer.eos_id, stop],
+                          pad_token_id=tokenizer.pad_id)[0, inputs["input_ids"].shape[1]:]
+    assert out.tolist() == first[:2]
+    exported = tmp_path / "out"
+    convert(tmp_path / "ours", exported)
+    assert json.loads((exported / "generation_config.json").read_text())["eos_token_id"] == [tokenizer.eos_id, stop]

@@ -172,6 +172,20 @@ def test_page_streams_answers_and_keeps_the_conversation(server, browser, png):
     assert not driver.find_elements(By.CSS_SELECTOR, "#messages .message")
     assert driver.execute_script("return window.vlmkitChat.history") == []
 
+    # Two images chosen at once go with one question, in order.
+    from PIL import Image
+
+    other = png.parent / "square.png"
+    Image.new("RGB", (40, 30), (20, 160, 40)).save(other)
+    driver.find_element(By.ID, "image-input").send_keys(f"{png}\n{other}")
+    wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#previews img")) == 2, "not two image previews")
+    both, _ = ask_on_page(driver, "Which one is red?", 1)
+    user = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png)}},
+                                        {"type": "image_url", "image_url": {"url": data_url(other)}},
+                                        {"type": "text", "text": "Which one is red?"}]}
+    assert driver.execute_script("return window.vlmkitChat.history")[0] == user
+    assert both == complete(server.url, [user])
+
 
 def test_shift_enter_is_a_newline_and_errors_are_readable(server, browser, png):
     driver = browser

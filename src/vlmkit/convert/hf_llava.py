@@ -285,7 +285,9 @@ def save_hf_llava(source, out: str | Path) -> Path:
                  "patch_size": cfg.vision.patch_size, "vision_feature_select_strategy": strategy,
                  # the processor adds these to the patch count; "default" then takes the class token off again
                  "num_additional_image_tokens": 1 if cfg.vision.class_token else 0}
-    generation = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id, "do_sample": False}
+    stops = tokenizer.stop_ids
+    generation = {"eos_token_id": stops[0] if len(stops) == 1 else list(stops), "pad_token_id": tokenizer.pad_id,
+                  "do_sample": False}
     if suppress:
         generation["suppress_tokens"] = suppress
     return hf_io.write_dir(out, config, tensors, {

@@ -36,7 +36,8 @@ FAMILIES = {  # model_type -> (architecture, vision model_type, processor class)
 _VISION_DEFAULTS = {"hidden_size": 1152, "intermediate_size": 3072, "num_hidden_layers": 12,
                     "num_attention_heads": 16, "num_channels": 3, "image_size": 224, "patch_size": 32,
                     "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
-_VISION, _CONNECTOR, _TEXT = "model.vision_model.", "model.connector.modality_projection.proj.weight", "model.text_model."
+_VISION, _TEXT = "model.vision_model.", "model.text_model."
+_CONNECTOR = "model.connector.modality_projection.proj.weight"
 _PROJECTOR = "multi_modal_projector.net.weight"
 
 
@@ -184,7 +185,9 @@ def save_hf_smolvlm(source, out: str | Path) -> Path:
               "dtype": "float32"}
     image_processor = tiled_processor_to_hf(transform)
     processor = {"processor_class": processor_class, "image_seq_len": cfg.image_tokens}
-    generation = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id, "do_sample": False}
+    stops = tokenizer.stop_ids
+    generation = {"eos_token_id": stops[0] if len(stops) == 1 else list(stops), "pad_token_id": tokenizer.pad_id,
+                  "do_sample": False}
     return hf_io.write_dir(out, config, tensors, {
         **hf_tokenizer_files(tokenizer, extra={"processor_class": processor_class}),
         "generation_config.json": generation,

@@ -34,18 +34,21 @@ DEFAULT_SPECIALS = {"eos_token": "<|im_end|>", "bos_token": "<|im_start|>", "pad
 
 class LMTokenizer:
     def __init__(self, backend: HFTokenizer, special_tokens: dict[str, str], chat_template: str,
-                 model_max_length: int = 2048):
+                 model_max_length: int = 2048, stop_tokens: Sequence[str] = ()):
         self._backend = backend
         self.special_tokens = dict(special_tokens)
         self.chat_template = chat_template
         self.model_max_length = model_max_length
+        # Tokens besides eos_token that end an answer (a checkpoint's generation_config may list
+        # several: SmolVLM stops at <end_of_utterance> and at <|im_end|>).
+        self.stop_tokens = [t for t in dict.fromkeys(stop_tokens) if t != special_tokens.get("eos_token")]
         backend.no_padding()
         backend.no_truncation()
         # The image placeholder must stay one token whatever the vocabulary; a pretrained
         # tokenizer gets it appended (its id may lie past the LM's embedding table, which is
         # fine: image slots are overwritten before the LM sees them).
         backend.add_special_tokens([IMAGE_TOKEN] + [t for t in special_tokens.values()])
-        missing = [t for t in special_tokens.values() if backend.token_to_id(t) is None]
+        missing = [t for t in [*special_tokens.values(), *self.stop_tokens] if backend.token_to_id(t) is None]
         if missing:
             raise ValueError(f"special tokens {missing} are not in the vocabulary")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag])
@@ -60,11 +63,11 @@ class LMTokenizer:
         """A copy with `tokens` added as special tokens (new ids after the vocabulary; kept ones stay)."""
         backend = HFTokenizer.from_str(self._backend.to_str())
         backend.add_special_tokens(list(tokens))
-        return LMTokenizer(backend, self.special_tokens, self.chat_template, self.model_max_length)
+        return LMTokenizer(backend, self.special_tokens, self.chat_template, self.model_max_length, self.stop_tokens)
 
     def with_template(self, chat_template: str) -> "LMTokenizer":
         """The same vocabulary with another chat template (a VLM processor's, say)."""
-        return LMTokenizer(self._backend, self.special_tokens, chat_template, self.model_max_length)
+        return LMTokenizer(self._backend, self.special_tokens, chat_template, self.model_max_length, self.stop_tokens)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -126,7 +129,16 @@ class LMTokenizer:
         template_file = file.parent / "chat_template.jinja"
         if not template and template_file.is_file():
             template = template_file.read_text()
-        return cls(backend, specials, template or CHATML_TEMPLATE, int(config.get("model_max_length", 2048)))
+        stops = list(config.get("stop_tokens") or [])
+        generation_file = file.parent / "generation_config.json"
+        if generation_file.is_file():  # transformers stops at every eos_token_id listed there
+            eos = json.loads(generation_file.read_text()).get("eos_token_id")
+            for i in [eos] if isinstance(eos, int) else eos or []:
+                token = backend.id_to_token(i)
+                if token is None:
+                    raise ValueError(f"{generation_file}: eos_token_id {i} is not in the vocabulary")
+                stops.append(token)
+        return cls(backend, specials, template or CHATML_TEMPLATE, int(config.get("model_max_length", 2048)), stops)
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
@@ -135,6 +147,8 @@ class LMTokenizer:
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.special_tokens,
                   "chat_template": self.chat_template, "model_max_length": self.model_max_length,
                   "image_token": IMAGE_TOKEN}
+        if self.stop_tokens:
+            config["stop_tokens"] = self.stop_tokens
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         return directory
 
@@ -168,6 +182,11 @@ class LMTokenizer:
     @property
     def eos_id(self) -> int:
         return self.token_id(self.special_tokens["eos_token"])
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Every token that ends an answer: eos_token first, then `stop_tokens`."""
+        return (self.eos_id, *(self.token_id(t) for t in self.stop_tokens))
 
     @property
     def pad_id(self) -> int:

@@ -49,7 +49,7 @@ def generate_answers(model, tokenizer: LMTokenizer, data: ConversationSet, indic
                      max_new_tokens: int = 32, batch_size: int = 64, progress: bool = True) -> list[str]:
     """Greedy answers to the last question of each chosen conversation."""
     engine = Engine(model, tokenizer.pad_id)
-    params = SamplingParams(max_new_tokens=max_new_tokens, stop_ids=(tokenizer.eos_id,))
+    params = SamplingParams(max_new_tokens=max_new_tokens, stop_ids=tokenizer.stop_ids)
     cfg, limit = model.cfg, model.cfg.decoder.max_positions
     prompt = ImagePrompt(tokenizer, cfg.image_prompt, cfg.image_tokens, cfg.image_token)
     answers: list[str] = []

@@ -81,7 +81,7 @@ class VisionLanguageAssistant:
     def _params(self, r: Request) -> SamplingParams:
         return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
                               top_p=r.top_p, repetition_penalty=r.repetition_penalty, seed=r.seed,
-                              stop_ids=(self.tokenizer.eos_id,))
+                              stop_ids=self.tokenizer.stop_ids)
 
     # ------------------------------------------------------------------ generation
     def stream_batch(self, requests: Sequence[Request]) -> Iterator[Delta]:
@@ -105,7 +105,7 @@ class VisionLanguageAssistant:
                 yield Delta(rows[d.index], d.text, d.finish_reason, d.prompt_tokens, d.completion_tokens)
 
     def _run(self, prepared, requests, params: SamplingParams, seeds: list[int]) -> Iterator[Delta]:
-        eos = self.tokenizer.eos_id
+        stops = set(self.tokenizer.stop_ids)
         ids = [[] for _ in requests]
         sent = ["" for _ in requests]
         done = [False for _ in requests]
@@ -125,7 +125,8 @@ class VisionLanguageAssistant:
                 ids[row].append(token)
             for row, token in emitted:
                 text, hit = visible(row)
-                reason = "stop" if token == eos or hit else "length" if len(ids[row]) >= params.max_new_tokens else None
+                full = len(ids[row]) >= params.max_new_tokens
+                reason = "stop" if token in stops or hit else "length" if full else None
                 if reason is None:
                     # Hold back an unfinished UTF-8 character, and any tail that may yet become a stop string.
                     text = text.rstrip("\ufffd")
@@ -146,7 +147,7 @@ class VisionLanguageAssistant:
         return out
 
     def _text(self, ids: list[int]) -> str:
-        if ids and ids[-1] == self.tokenizer.eos_id:
+        if ids and ids[-1] in self.tokenizer.stop_ids:
             ids = ids[:-1]
         return self.tokenizer.decode(ids)
 
