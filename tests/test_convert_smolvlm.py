@@ -33,7 +33,7 @@ SMOLVLM_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
 CORPUS = ["What colour is the square?", "red", "blue", "Describe the image.", "a green square on the left.",
           "Which picture is brighter?", "the first one", "User: Assistant:"] * 5
-SIZES = [(45, 37), (100, 30), (20, 130), (32, 32), (200, 150), (60, 40)]   # (width, height)
+SIZES = [(45, 37), (100, 30), (20, 130), (32, 32), (200, 150), (60, 40), (300, 2), (2, 200), (1, 1)]  # (w, h)
 
 
 def picture(size, seed: int = 0) -> Image.Image:
