@@ -236,8 +236,11 @@ class ImageTransform:
     @property
     def tiled(self) -> bool:
         return self.tile_longest_edge is not None
+
     def __call__(self, img: Image.Image, train: bool = False, rng: random.Random | None = None) -> torch.Tensor:
         img = _to_rgb(img)
+        if self.tiled:  # one tensor per image: the global view (`tiles` gives all views)
+            return self.tiles(img)[0][-1]
         w, h = img.size
         box = (0.0, 0.0, float(w), float(h))  # region of the source to use, in source pixels
         if train and self.random_crop_scale < 1.0:
@@ -246,8 +249,6 @@ class ImageTransform:
             cw, ch = w * side, h * side
             x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
             box = (x0, y0, x0 + cw, y0 + ch)
-        if self.tiled:  # one tensor per image: the global view (`tiles` gives all views)
-            return self.tiles(img)[0][-1]
         return self._normalise(self._resize(img, box))
 
     def _normalise(self, img: Image.Image) -> torch.Tensor:

@@ -56,7 +56,7 @@ class VisionLanguageAssistant:
         if messages[-1]["role"] != "user" or not (text_of(messages[-1]).strip() or count_images(messages[-1])):
             raise ValueError("the last message must be a non-empty user message")
         images = _images_for(messages, carried, list(request.images))
-        if images and not any(carried):
+        if images and all(x is None for x in carried):
             placeholders = sum(count_images(m) for m in messages)
             if placeholders == 0:   # like LLaVA: images without placeholders go before the first user text
                 first = next(i for i, m in enumerate(messages) if m["role"] == "user")
