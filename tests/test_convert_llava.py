@@ -313,3 +313,48 @@ def test_llava_hf_templates_give_the_processors_ids_and_text(tmp_path, tokenizer
     carried = [{"role": m["role"], "content": [dict(p) for p in m["content"]]} for m in messages]
     carried[0]["content"][0]["image"], carried[2]["content"][1]["image"] = images
     assert assistant._prepare(Request(carried))[0] == ids
+
+
+def test_an_imported_llava_fine_tunes_and_exports_back(tmp_path, tokenizer):
+    """init = a LLaVA directory; LoRA on the LM and the whole tower on LLaVA JSON: the loss falls,
+    the adapters are merged, and the exported LLaVA gives vlmkit's logits in transformers."""
+    import vlmkit
+    from vlmkit.presets import vlm_preset
+    from vlmkit.training.instruct import train_vlm
+
+    _, path, _ = _hf_llava(tmp_path, tokenizer, "clip", "llama", -2, "default")
+    records = []
+    for i in range(12):
+        colour = ("red", (220, 30, 30)) if i % 2 else ("blue", (30, 30, 220))
+        Image.new("RGB", (40 + 7 * i, 30 + 5 * i), colour[1]).save(tmp_path / f"{i}.png")
+        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\n" + QUESTION}, {"from": "gpt", "value": colour[0]}]})
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    cfg = vlm_preset("tiny").override({
+        "init": str(path), "data.source": str(tmp_path / "data.json"), "align.skip": True,
+        "instruct.language_model": "lora", "instruct.vision": "full", "instruct.lora_rank": 4,
+        "instruct.train.steps": 30, "instruct.train.batch_size": 6, "instruct.train.lr": 1e-2,
+        "instruct.train.log_every": 1, "instruct.train.warmup_steps": 0})
+    run = train_vlm(cfg, tmp_path / "run", progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "instruct" / "metrics.jsonl").read_text()
+              .splitlines() if "loss" in line]
+    # A random LM's frozen output layer caps how sure it can get: the loss falls, and every
+    # training question must be answered right.
+    assert run.status == "done" and losses[-1] < 0.85 * losses[0]
+    assert "lora" not in json.loads((run.model_dir / "config.json").read_text())   # merged (the default)
+    tuned = vlmkit.load(run.model_dir, device="cpu")
+    start = load_hf_llava(path)[1]["vision_tower.patch_embed.weight"]
+    assert not torch.equal(tuned.model.vision_tower.patch_embed.weight, start)   # the tower trained too
+
+    assert convert(run.model_dir, tmp_path / "hf")[0].endswith("LlavaForConditionalGeneration")
+    exported = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
+    image = Image.open(tmp_path / "3.png")
+    prompt = tuned.tokenizer.apply_chat_template([{"role": "user", "content": "<image>\n" + QUESTION}],
+                                                 add_generation_prompt=True)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**inputs).logits,
+                                   tuned.model(inputs["input_ids"], inputs["pixel_values"]), **TOL)
+    answers = [tuned.ask(Image.open(tmp_path / f"{i}.png"), QUESTION, max_new_tokens=2).strip() for i in range(12)]
+    assert answers == [("red" if i % 2 else "blue") for i in range(12)]

@@ -276,3 +276,65 @@ def test_every_eos_token_id_of_generation_config_stops_the_answer(tmp_path, toke
     exported = tmp_path / "out"
     convert(tmp_path / "ours", exported)
     assert json.loads((exported / "generation_config.json").read_text())["eos_token_id"] == [tokenizer.eos_id, stop]
+
+
+def _llava_json(tmp_path, n: int = 12) -> str:
+    """Red and blue pictures with a question each, in the LLaVA format."""
+    records = []
+    for i in range(n):
+        colour = ("red", (220, 30, 30)) if i % 2 else ("blue", (30, 30, 220))
+        Image.new("RGB", (40 + 7 * i, 30 + 5 * i), colour[1]).save(tmp_path / f"{i}.png")
+        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the square?"}, {"from": "gpt", "value": colour[0]}]})
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    return str(tmp_path / "data.json")
+
+
+def test_an_imported_model_fine_tunes_with_lora_and_goes_back(tmp_path, tokenizer):
+    """init = a SmolVLM directory; LoRA on LLaVA JSON: the loss falls, the adapters are saved apart,
+    `vlmkit merge` folds them in, and the exported model gives vlmkit's logits in transformers."""
+    from fastapi.testclient import TestClient
+
+    from vlmkit.cli import main
+    from vlmkit.presets import vlm_preset
+    from vlmkit.serving.app import create_app
+    from vlmkit.training.instruct import train_vlm
+
+    _, path = _hf_model(tmp_path, tokenizer, "smolvlm", False)
+    cfg = vlm_preset("tiny").override({
+        "init": str(path), "data.source": _llava_json(tmp_path), "data.max_length": 256, "align.skip": True,
+        "instruct.language_model": "lora", "instruct.lora_rank": 4, "instruct.merge_lora": False,
+        "instruct.train.steps": 30, "instruct.train.batch_size": 6, "instruct.train.lr": 1e-2,
+        "instruct.train.log_every": 1, "instruct.train.warmup_steps": 0})
+    run = train_vlm(cfg, tmp_path / "run", progress=False)
+    assert run.status == "done"
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "instruct" / "metrics.jsonl").read_text()
+              .splitlines() if "loss" in line]
+    # A random LM's frozen output layer caps how sure it can get (the loss stalls near 4.5);
+    # what must happen is that the loss falls and every training question is answered right.
+    assert losses[-1] < 0.85 * losses[0]
+
+    saved = json.loads((run.model_dir / "config.json").read_text())
+    assert saved["lora"]["rank"] == 4 and all(".blocks." in name for name in saved["lora"]["layers"])
+    assert main(["merge", str(run.model_dir), str(tmp_path / "merged")]) == 0
+    assert "lora" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    tuned = vlmkit.load(run.model_dir, device="cpu")   # loading merges too: both give the same answers
+    merged = vlmkit.load(tmp_path / "merged", device="cpu")
+    answers = [tuned.ask(Image.open(tmp_path / f"{i}.png"), "What colour is the square?", max_new_tokens=4).strip()
+               for i in range(12)]
+    assert answers == [("red" if i % 2 else "blue") for i in range(12)]
+    image = Image.open(tmp_path / "3.png")
+    assert merged.ask(image, "What colour is the square?", max_new_tokens=4).strip() == "red"
+
+    assert convert(run.model_dir, tmp_path / "hf")[0].endswith("SmolVLMForConditionalGeneration")
+    exported = transformers.SmolVLMForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}]}]
+    _, inputs = _inputs(_processor(tmp_path / "hf"), messages, [image])
+    ids, pixels = merged._prepare(Request(messages, [image]))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**inputs).logits, merged.model(torch.tensor([ids]), pixels), **TOL)
+
+    with TestClient(create_app({"tuned": tuned})) as client:
+        r = client.post("/v1/chat/completions", json={"model": "tuned", "max_tokens": 3, "temperature": 0,
+                                                      "messages": [{"role": "user", "content": "What colour is the square?"}]})
+    assert r.status_code == 200, r.text

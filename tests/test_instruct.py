@@ -257,3 +257,45 @@ def test_grow_vocabulary_keeps_old_rows_and_ties():
         assert torch.equal(model.embed.weight[:10], state["embed.weight"])
         assert torch.allclose(model.embed.weight[10:], state["embed.weight"].mean(0).expand(3, -1))
         assert (model.lm_head.weight is model.embed.weight) == tie
+
+
+def test_text_replay_mixes_in_the_lms_own_answers(tmp_path, monkeypatch):
+    """data.text_replay: plain-text conversations answered by the LM before training join the data.
+
+    The generator is replaced by fixed answers (the tiny random LM only writes newlines): what is
+    tested is how the recipe keeps, cuts and mixes them in.
+    """
+    from vlmkit.data.text_replay import replay_prompts
+    from vlmkit.inference.engine import Engine
+
+    seen = {}
+
+    def fixed(self, prompts, pixels, params, *args, **kwargs):
+        tokenizer = seen["tokenizer"]
+        texts = ["Cats purr. They sle", "Trains run on rails!", "\n\n", "no sentence end"]
+        outs = [tokenizer.encode(texts[i % 4]) for i in range(len(prompts))]
+        return [o + [tokenizer.eos_id] if i % 4 == 1 else o for i, o in enumerate(outs)]
+
+    real = instruct._with_text_replay
+
+    def spy(model, tokenizer, data, cfg, **kwargs):
+        seen["tokenizer"] = tokenizer
+        mixed = real(model, tokenizer, data, cfg, **kwargs)
+        seen["added"] = mixed.conversations[len(data.conversations):]
+        return mixed
+
+    monkeypatch.setattr(Engine, "generate", fixed)
+    monkeypatch.setattr(instruct, "_with_text_replay", spy)
+    short = {**LEARNABLE, "data.train_size": 40, "data.eval_size": 5, "instruct.train.steps": 3,
+             "instruct.tasks": None, "data.text_replay": 12, "data.max_length": 128,
+             "instruct.task_repeats": {"text": 2}}
+    run = train_vlm(vlm_preset("tiny").override(short), tmp_path / "run", progress=False)
+    assert run.status == "done"
+    added = seen["added"]
+    assert [c.messages[0].content for c in added] == [p for i, p in enumerate(replay_prompts(12)) if i % 4 != 2]
+    assert [c.messages[1].content for c in added][:3] == ["Cats purr.", "Trains run on rails!", "no sentence end"]
+    assert all(c.meta["kind"] == "text" and not c.images for c in added)
+    saved = [json.loads(line) for line in (tmp_path / "run" / "text_replay.jsonl").read_text().splitlines()]
+    assert [r["answer"] for r in saved] == [c.messages[1].content for c in added]
+    with pytest.raises(ValueError, match="at most 400 distinct prompts"):
+        replay_prompts(401)

@@ -23,7 +23,8 @@ LAYERS = [
     ("demo", "serving", "cli", "vlmkit"),         # applications
 ]
 # Packages of one layer do not import each other, except these (importer, imported).
-SAME_LAYER = {("presets", "config"), ("convert", "checkpoint"), ("cli", "demo"), ("cli", "serving")}
+SAME_LAYER = {("presets", "config"), ("convert", "checkpoint"), ("training", "inference"), ("cli", "demo"),
+              ("cli", "serving")}
 
 LAYER_OF = {package: i for i, layer in enumerate(LAYERS) for package in layer}
 

@@ -79,7 +79,7 @@ def test_stage1_preset(name):
 def test_stage2_preset(name):
     cfg = vlm_preset(name)
     assert VlmRunConfig.from_dict(cfg.to_dict()) == cfg
-    kinds = QUESTION_KINDS[cfg.data.source]
+    kinds = QUESTION_KINDS[cfg.data.source] | ({"text"} if cfg.data.text_replay else set())
     for phase in (cfg.align, cfg.instruct):
         assert set(phase.tasks or ()) | set(phase.task_repeats) <= kinds
     if name in STAGE1_TOWER:   # training swaps in the checkpoint's tower: the preset must fit it

@@ -1,6 +1,8 @@
 """Stage 2 models and generation: KV cache, batching, sampling, chat labels, image slots, LoRA, save/load."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from vlmkit.inference.engine import Engine, SamplingParams, filter_logits
 from vlmkit.models.decoder import DecoderLM, KVCache
 from vlmkit.models.projector import pixel_shuffle
 from vlmkit.models.vlm import VisionLanguageModel
-from vlmkit.training.lora import inject_lora, merge_lora
+from vlmkit.models.lora import inject_lora, merge_lora
 
 CORPUS = ["What colour is the circle?", "red", "blue", "a small red circle at the top left.",
           "Is there a green square in the image?", "yes", "no", "Describe the image.", "How many shapes are there?",
@@ -273,6 +275,32 @@ def test_lora_starts_at_base_and_merges_exactly(tokenizer):
     assert merge_lora(model) == 8
     torch.testing.assert_close(model.language_model(ids), adapted, atol=1e-5, rtol=1e-5)
     assert "blocks.0.attn.qkv.weight" in model.language_model.state_dict()
+
+
+def test_unmerged_adapters_save_reload_and_merge_later(tokenizer, tmp_path):
+    from vlmkit.checkpoint import CheckpointError, load_model, merge_checkpoint
+    from vlmkit.cli import main
+
+    model = tiny_vlm(tokenizer)
+    inject_lora(model.language_model.blocks, rank=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.normal_(0, 0.1)
+    ids = torch.randint(0, 50, (2, 7))
+    adapted = model.language_model(ids)
+    save_checkpoint(tmp_path / "m", model, "vlm", model.cfg.to_dict(), tokenizer, ImageTransform(size=32).to_dict())
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())["lora"]
+    assert saved["rank"] == 4 and saved["alpha"] == 8 and len(saved["layers"]) == 8
+    kept = load_model(tmp_path / "m", merge=False)
+    assert sum(".lora_a" in k for k in kept.state_dict()) == 8
+    torch.testing.assert_close(kept.language_model(ids), adapted)
+    torch.testing.assert_close(load_model(tmp_path / "m").language_model(ids), adapted, atol=1e-5, rtol=1e-5)
+    assert main(["merge", str(tmp_path / "m"), str(tmp_path / "merged")]) == 0
+    assert "lora" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    torch.testing.assert_close(load_model(tmp_path / "merged").language_model(ids), adapted, atol=1e-5, rtol=1e-5)
+    with pytest.raises(CheckpointError, match="no unmerged LoRA adapters"):
+        merge_checkpoint(tmp_path / "merged", tmp_path / "again")
 
 
 def test_saved_model_reloads_to_the_same_answers(tokenizer, tmp_path):

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlmkit.config import FORMAT_VERSION, ConfigError, DualEncoderConfig, VisionConfig, VLMConfig
+from vlmkit.models.lora import describe_lora, merge_lora, restore_lora
 
 REQUIRED_FILES = ("config.json", "model.safetensors")
 MODEL_KINDS = ("dual_encoder", "vlm", "text_encoder", "decoder")
@@ -84,6 +85,9 @@ def save_checkpoint(
     path = Path(path)
     with atomic_dir(path) as tmp:
         config = {"format_version": FORMAT_VERSION, "kind": kind, "model": model_config}
+        lora = describe_lora(model)
+        if lora is not None:   # unmerged adapters: `load_model` wraps the same layers again
+            config["lora"] = lora
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         weights = {k: v.detach().contiguous().cpu() for k, v in unique_state_dict(model).items()}
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -226,8 +230,27 @@ def build_model(kind: str, model_config: dict[str, Any]) -> torch.nn.Module:
     raise ConfigError(f"unknown model kind {kind!r}; known kinds: {', '.join(MODEL_KINDS)}")
 
 
-def load_model(path: str | Path) -> torch.nn.Module:
+def load_model(path: str | Path, merge: bool = True) -> torch.nn.Module:
+    """The model of a checkpoint, in eval mode; adapters saved unmerged are merged unless `merge` is False."""
     config = read_config(path)
     model = build_model(config["kind"], config["model"])
+    if config.get("lora"):
+        restore_lora(model, config["lora"])
     load_weights(model, path)
+    if merge:
+        merge_lora(model)
     return model.eval()
+
+
+def merge_checkpoint(source: str | Path, out: str | Path) -> Path:
+    """A checkpoint with unmerged LoRA adapters -> the same model with them folded into its weights."""
+    config = read_config(source)
+    if not config.get("lora"):
+        raise CheckpointError(f"{source}: no unmerged LoRA adapters to merge")
+    model = load_model(source)
+    tokenizer = None
+    if (Path(source) / "tokenizer.json").is_file():
+        from vlmkit.data.lm_tokenizer import LMTokenizer
+
+        tokenizer = LMTokenizer.from_pretrained(source)
+    return save_checkpoint(out, model, config["kind"], config["model"], tokenizer, read_preprocessor(source) or None)

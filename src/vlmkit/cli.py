@@ -69,13 +69,15 @@ def train_clip(preset: str = "shapes", out: str = "runs/clip", config: str | Non
 
 
 def train_vlm(preset: str = "shapes", out: str = "runs/vlm", vision_init: str | None = None,
-              config: str | None = None, set: list[str] | None = None, resume: bool = True) -> None:
+              init: str | None = None, config: str | None = None, set: list[str] | None = None,
+              resume: bool = True) -> None:
     """Train a generative VLM (Stage 2: projector + decoder LM, align then instruct phases).
 
     Args:
         preset: a named Stage 2 preset (see `vlmkit presets`).
         out: the run directory (align/, instruct/, model/, eval.md, answers.jsonl).
         vision_init: a Stage 1 checkpoint whose vision tower to start from.
+        init: a whole VLM to fine-tune (a vlmkit VLM checkpoint, or a Hugging Face LLaVA / SmolVLM directory).
         config: a JSON run config to use instead of the preset.
         set: overrides as dotted key=value, e.g. instruct.train.steps=500 lm_init=smollm2.
         resume: continue from the newest checkpoint in `out` if there is one.
@@ -89,6 +91,8 @@ def train_vlm(preset: str = "shapes", out: str = "runs/vlm", vision_init: str | 
     overrides = _parse_overrides(set or [])
     if vision_init:
         overrides["vision_init"] = vision_init
+    if init:
+        overrides["init"] = init
     result = run(cfg.override(overrides), out, resume=resume, hooks=VlmHooks())
     print(json.dumps({"status": result.status, "model": str(result.model_dir), **result.results}, indent=2))
 
@@ -144,6 +148,31 @@ def ask(image: list[str], question: str, model: str, max_tokens: int = 64, tempe
     print(answer)
     if heatmap:
         log.info(f"wrote {m.explain(image[0], question, heatmap, answer=answer)}")
+
+
+def describe(folder: str, model: str, out: str = "alt.jsonl", format: Literal["jsonl", "html"] = "jsonl",
+             prompt: str = "Describe the image.", batch_size: int = 8, max_tokens: int = 64) -> None:
+    """Write alt text for every image in a folder (resumable: run it again to continue).
+
+    Args:
+        folder: a folder of images (subfolders included; other files are ignored).
+        model: a Stage 2 checkpoint directory.
+        out: the JSONL file of descriptions (one line per image; also the run's progress).
+        format: html also writes a page of the images with their descriptions (OUT with .html).
+        prompt: what to ask about each image.
+        batch_size: images described together.
+        max_tokens: the most tokens per description.
+    """
+    from vlmkit.inference.api import load
+    from vlmkit.inference.describe import describe_folder, read_records, write_page
+
+    jsonl = Path(out).with_suffix(".jsonl") if format == "html" else Path(out)
+    done = describe_folder(_assistant(load(model)), folder, jsonl, prompt, batch_size, max_tokens)
+    log.info(f"{done.described} described, {done.failed} unreadable, {done.skipped} done before: {jsonl}")
+    if format == "html":
+        print(write_page(read_records(jsonl), folder, Path(out).with_suffix(".html")))
+    else:
+        print(jsonl)
 
 
 def chat(model: str, image: list[str] | None = None, max_tokens: int = 256, temperature: float = 0.0,
@@ -430,9 +459,10 @@ def serve(model: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
 def convert(source: str, out: str, download: bool = False) -> None:
     """Import a Hugging Face / GGUF checkpoint into vlmkit, or export a vlmkit one to Hugging Face.
 
-    The direction follows SOURCE: a vlmkit checkpoint is exported (VLM -> LLaVA, CLIP-shaped
-    dual encoder -> CLIPModel, decoder -> LlamaForCausalLM); a Hugging Face directory (CLIP,
-    SigLIP, BERT, Llama, Qwen2, LLaVA) or a .gguf file (or `smollm2`) is imported.
+    The direction follows SOURCE: a vlmkit checkpoint is exported (VLM -> LLaVA or SmolVLM,
+    CLIP-shaped dual encoder -> CLIPModel, decoder -> LlamaForCausalLM); a Hugging Face
+    directory (CLIP, SigLIP, BERT, Llama, Qwen2, LLaVA, SmolVLM, Idefics3) or a .gguf file (or
+    `smollm2`) is imported. Unmerged LoRA adapters are merged on the way out.
 
     Args:
         source: a local directory or .gguf file (a Hub id only with --download).
@@ -445,18 +475,32 @@ def convert(source: str, out: str, download: bool = False) -> None:
     print(f"{done}: {path}")
 
 
+def merge(source: str, out: str) -> None:
+    """Fold a checkpoint's LoRA adapters into its weights (a run with instruct.merge_lora=false keeps them apart).
+
+    Args:
+        source: a checkpoint saved with unmerged adapters.
+        out: the directory to write the merged checkpoint to.
+    """
+    from vlmkit.checkpoint import merge_checkpoint
+
+    print(f"merged: {merge_checkpoint(source, out)}")
+
+
 COMMANDS: dict[str, Callable | dict[str, Callable]] = {
     "presets": presets,
     "train": {"clip": train_clip, "vlm": train_vlm},
     "eval": {"clip": evaluate, "vqa": eval_vqa, "caption": eval_caption, "pope": eval_pope,
              "grounding": eval_grounding},
     "caption": caption,
+    "describe": describe,
     "ask": ask,
     "chat": chat,
     "classify": classify,
     "embed": embed,
     "search": search,
     "convert": convert,
+    "merge": merge,
     "serve": serve,
     "demo": demo,
 }

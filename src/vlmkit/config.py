@@ -428,9 +428,13 @@ class PhaseConfig(Config):
     train: TrainConfig = field(default_factory=TrainConfig)
     vision: Literal["frozen", "full"] = "frozen"
     vision_lr: float | None = None          # default: train.lr
+    projector: Literal["frozen", "full"] = "full"
     language_model: Literal["frozen", "full", "lora"] = "full"
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    # Fold the LoRA adapters into the LM's weights when the phase ends. False keeps them apart
+    # in the saved model (`vlmkit merge` folds them later; loading and exporting merge them).
+    merge_lora: bool = True
     tasks: list[str] | None = None          # question kinds to train on; None = all
     # Oversampling: conversations of these kinds appear this many times per epoch (others once).
     task_repeats: dict = field(default_factory=dict)
@@ -462,6 +466,12 @@ class VlmDataConfig(ImageDataConfig):
     # image_prompt becomes "idefics3"). An image then costs (rows x cols + 1) x image_tokens
     # tokens plus the markers. None: one view per image.
     split_longest_edge: int | None = None
+    # Text replay, for a pretrained LM: this many plain-text conversations (data/text_replay.py)
+    # whose answers the LM itself writes before training (greedy, up to text_replay_tokens,
+    # cut at the last full sentence) join the training data as kind "text", so it keeps its
+    # language while learning short visual answers (oversample them with task_repeats).
+    text_replay: int = 0
+    text_replay_tokens: int = 48
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -469,6 +479,8 @@ class VlmDataConfig(ImageDataConfig):
         _require(self.train_turns >= 1, "data.train_turns must be >= 1")
         _require(self.split_longest_edge is None or self.split_longest_edge > 0,
                  "data.split_longest_edge must be positive (or null: no splitting)")
+        _require(self.text_replay >= 0 and self.text_replay_tokens > 0,
+                 "data.text_replay must be >= 0 and data.text_replay_tokens > 0")
 
 
 @dataclass
@@ -477,6 +489,11 @@ class VlmRunConfig(Config):
 
     model: VLMConfig = field(default_factory=VLMConfig)
     data: VlmDataConfig = field(default_factory=VlmDataConfig)
+    # A whole VLM to fine-tune: a vlmkit VLM checkpoint or a Hugging Face LLaVA / SmolVLM
+    # directory. Its model config (which replaces `model`), weights, tokenizer and image
+    # preprocessing are used as they are; vision_init, lm_init and data.split_longest_edge
+    # must stay unset.
+    init: str | None = None
     vision_init: str | None = None         # a Stage 1 checkpoint directory (its vision tower is used)
     # "smollm2", a .gguf file, a Hugging Face Llama/Qwen2 directory or a vlmkit decoder
     # checkpoint (`vlmkit convert`); None: train a small LM from scratch

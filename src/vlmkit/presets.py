@@ -224,19 +224,22 @@ def _vlm_easy_vqa() -> dict:
 def _llava_smol() -> dict:
     """A real brain: a Stage 1 vision tower + projector + SmolLM2-135M-Instruct (LoRA).
 
-    The projector and LoRA adapters train (the LM's own weights stay as they are, so its
-    language ability is kept); set `vision_init` to a Stage 1 checkpoint.
+    The projector and LoRA adapters train (the LM's own weights stay as they are); set
+    `vision_init` to a Stage 1 checkpoint. Questions end with "Answer with one word." (as
+    LLaVA-1.5 asks for short answers) and 400 plain-text conversations answered by the LM
+    itself are mixed in (text replay), so it keeps answering plain questions as it did.
     """
     return {
         "model": {"vision": _easy_vqa()["model"]["vision"],
                   "projector": {"kind": "pixel_shuffle", "shuffle_factor": 2},  # 16 image tokens
                   "decoder": {"max_positions": 256}},
         "lm_init": "smollm2",
-        "data": {"source": "easy_vqa", "eval_size": 50, "max_length": 96},
+        "data": {"source": "easy_vqa", "source_options": {"instruction": "Answer with one word."},
+                 "eval_size": 1000, "max_length": 160, "text_replay": 400, "text_replay_tokens": 32},
         "align": {"skip": True},
-        "instruct": {"train": {"steps": 150, "batch_size": 8, "lr": 1e-3, "warmup_steps": 15,
-                               "save_every": 50, "eval_every": 0},
-                     "language_model": "lora", "lora_rank": 16, "lora_alpha": 32},
+        "instruct": {"train": {"steps": 600, "batch_size": 16, "lr": 1e-3, "warmup_steps": 30,
+                               "save_every": 100, "log_every": 20, "eval_every": 0},
+                     "language_model": "lora", "lora_rank": 16, "lora_alpha": 32, "task_repeats": {"text": 2}},
     }
 
 

@@ -110,6 +110,34 @@ def _import_bert(source: Path, out: Path) -> None:
     save_checkpoint(out, model, "text_encoder", cfg.to_dict(), tokenizer)
 
 
+def load_vlm(source: str | Path):
+    """(VLMConfig, state dict, LMTokenizer, ImageTransform) of a whole VLM to fine-tune.
+
+    A vlmkit VLM checkpoint (adapters saved unmerged are merged), or a Hugging Face LLaVA /
+    SmolVLM / Idefics3 directory, read as `vlmkit convert` reads it.
+    """
+    source = Path(source)
+    what = detect(source)
+    if what == "vlmkit:vlm":
+        from vlmkit.checkpoint import load_model, unique_state_dict
+        from vlmkit.data.images import ImageTransform
+        from vlmkit.data.lm_tokenizer import LMTokenizer
+
+        model = load_model(source)
+        transform = ImageTransform.from_dict(json.loads((source / "preprocessor.json").read_text()))
+        return model.cfg, unique_state_dict(model), LMTokenizer.from_pretrained(source), transform
+    if what == "llava":
+        from vlmkit.convert.hf_llava import load_hf_llava
+
+        return load_hf_llava(source)
+    if what in ("idefics3", "smolvlm"):
+        from vlmkit.convert.hf_smolvlm import load_hf_smolvlm
+
+        return load_hf_smolvlm(source)
+    raise ConversionError(f"{source} is a {what.removeprefix('vlmkit:')}, not a VLM; expected a vlmkit VLM "
+                          "checkpoint or a Hugging Face LLaVA / SmolVLM directory")
+
+
 def load_decoder(source: str | Path, max_positions: int | None = None):
     """(DecoderLM, LMTokenizer) from any language-model format vlmkit reads.
 

@@ -154,9 +154,10 @@ def _build_set(cfg: VlmDataConfig, split: str, size: int | None, transform: Imag
     if name == "easy_vqa":
         from vlmkit.data.sources.easy_vqa import EasyVQA
 
-        if options:
-            raise ValueError(f"easy_vqa takes no source_options, got {sorted(options)}")
-        ev = EasyVQA(split="train" if split == "train" else "test")
+        unknown = sorted(set(options) - {"instruction"})
+        if unknown:
+            raise ValueError(f"easy_vqa source_options: unknown {unknown}; known: instruction")
+        ev = EasyVQA(split="train" if split == "train" else "test", **options)
         images = prepare(ev, transform, limit=size, max_bad_fraction=cfg.max_bad_fraction, desc=f"{split} images")
         # Conversations about images past `size` are left out by design, not counted as dropped.
         conversations = [c for c in ev.conversations() if size is None or c.images[0] < size]

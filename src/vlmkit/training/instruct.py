@@ -12,25 +12,29 @@ the caller attaches (`vlmkit.evaluation.hooks.VlmHooks`).
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from vlmkit.checkpoint import load_weights, read_vision_tower
-from vlmkit.config import DecoderConfig, PhaseConfig, VlmRunConfig
+from vlmkit.checkpoint import load_weights, read_config, read_vision_tower
+from vlmkit.config import DecoderConfig, PhaseConfig, VlmDataConfig, VlmRunConfig, VLMConfig
 from vlmkit.data.chat import Encoded, PromptTooLong, collate, encode_conversation
+from vlmkit.data.conversation import Conversation, Message
 from vlmkit.data.image_prompt import MAX_GRID, ImagePrompt, tile_markers
 from vlmkit.data.images import ImageTransform
 from vlmkit.data.lm_tokenizer import LMTokenizer, render_chatml
 from vlmkit.data.prepared import DataError
+from vlmkit.data.text_replay import replay_prompts
 from vlmkit.data.vqa_sets import ConversationSet, build_set, of_kinds, question_kinds, repeats
+from vlmkit.inference.engine import Engine, SamplingParams
 from vlmkit.losses import answer_loss, answer_positions
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.training import distributed
 from vlmkit.training.batches import BatchPlan
-from vlmkit.training.lora import inject_lora, merge_lora
+from vlmkit.models.lora import inject_lora, merge_lora, restore_lora
 from vlmkit.training.run import (RunHooks, RunResult, TrainedModel, checkpoint_saver, finish_run, run_tokenizer,
                                  start_run, write_run_config)
 from vlmkit.training.trainer import Trainer, param_groups
@@ -55,7 +59,8 @@ def encode_all(data: ConversationSet, tokenizer: LMTokenizer, prompt: ImagePromp
 
 def set_trainable(model: VisionLanguageModel, phase: PhaseConfig) -> None:
     model.requires_grad_(False)
-    model.multi_modal_projector.requires_grad_(True)
+    if phase.projector == "full":
+        model.multi_modal_projector.requires_grad_(True)
     if phase.vision == "full":
         model.vision_tower.requires_grad_(True)
     if phase.language_model == "full":
@@ -77,58 +82,37 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
               hooks: RunHooks | None = None) -> RunResult:
     out_dir = Path(out_dir)
     device = start_run(cfg.align.train.seed)
-    model_cfg = cfg.model
+    data_cfg = cfg.data
+    if cfg.init:   # a whole VLM: eyes, brain, tokenizer and preprocessing as they are
+        if cfg.vision_init or cfg.lm_init or data_cfg.split_longest_edge:
+            raise ValueError("init gives the whole model; leave vision_init, lm_init and data.split_longest_edge "
+                             "unset")
+        from vlmkit.convert.auto import load_vlm
 
-    # ---- the eyes: a Stage 1 vision tower fixes the vision config and the preprocessing
-    vision_state, data_cfg = None, cfg.data
-    if cfg.vision_init:
-        vision_cfg, vision_state, pre = read_vision_tower(cfg.vision_init)
-        model_cfg = model_cfg.replace(vision=vision_cfg.to_dict())
-        data_cfg = data_cfg.replace(image_size=pre.get("size", vision_cfg.image_size),
-                                    resize_mode=pre.get("resize_mode", data_cfg.resize_mode),
-                                    mean=pre.get("mean", data_cfg.mean), std=pre.get("std", data_cfg.std))
-    if vision_state is not None and pre:
-        # The tower's own preprocessing, whole: an imported CLIP also carries its
-        # shortest-edge resize and rescale factor, which the data config has no fields for.
-        transform = ImageTransform.from_dict({**pre, "tile_longest_edge": data_cfg.split_longest_edge})
+        model_cfg, state, tokenizer, transform = load_vlm(cfg.init)
+        train_set = _training_set(data_cfg, transform)
+        model = VisionLanguageModel(model_cfg)
+        model.load_state_dict(state, strict=False)   # a tied lm_head is an alias, absent from `state`
     else:
-        transform = ImageTransform.for_data(data_cfg, model_cfg.vision.image_size)
-    if transform.tiled:   # the LM must be told where each tile sits
-        model_cfg = model_cfg.replace(image_prompt="idefics3")
-        if transform.tile_longest_edge > MAX_GRID * transform.size:
-            raise ValueError(f"data.split_longest_edge {transform.tile_longest_edge} would cut more than {MAX_GRID} "
-                             f"tiles of {transform.size} px along a side; the row/column markers stop at {MAX_GRID}")
-
-    # ---- data
-    train_set = build_set(data_cfg, "train", data_cfg.train_size, transform)
-    if train_set.dropped:
-        log.warning(f"{train_set.dropped} training conversations dropped: their images could not be read")
-
-    # ---- the brain: a pretrained LM (its tokenizer comes with it) or a small one from scratch
-    lm_state = None
-    if cfg.lm_init:
-        from vlmkit.convert.auto import load_decoder
-
-        lm, tokenizer = load_decoder(cfg.lm_init, max_positions=model_cfg.decoder.max_positions)
-        decoder_cfg, lm_state = lm.cfg, lm.state_dict()
-        del lm
-        if model_cfg.image_prompt == "idefics3":   # the tile markers become new, trainable words
-            tokenizer = tokenizer.with_tokens(tile_markers())
-            decoder_cfg, lm_state = grow_vocabulary(decoder_cfg, lm_state, tokenizer.vocab_size)
-    else:
-        markers = tile_markers() if model_cfg.image_prompt == "idefics3" else ()
-        tokenizer = run_tokenizer(out_dir, resume, lambda: LMTokenizer.train(
-            [render_chatml(c.messages) for c in train_set.conversations], vocab_size=cfg.tokenizer_vocab,
-            extra_tokens=markers), LMTokenizer.from_pretrained)
-        decoder_cfg = model_cfg.decoder.replace(vocab_size=tokenizer.vocab_size)
-    model_cfg = model_cfg.replace(decoder=decoder_cfg.to_dict(), image_token_id=tokenizer.image_id)
-    model = VisionLanguageModel(model_cfg)
-    if vision_state is not None:
-        model.vision_tower.load_state_dict(vision_state)
-    if lm_state is not None:
-        model.language_model.load_state_dict(lm_state)
+        model_cfg, data_cfg, transform, vision_state = _eyes(cfg)
+        train_set = _training_set(data_cfg, transform)
+        model_cfg, tokenizer, lm_state = _brain(cfg, model_cfg, train_set, out_dir, resume)
+        model = VisionLanguageModel(model_cfg)
+        if vision_state is not None:
+            model.vision_tower.load_state_dict(vision_state)
+        if lm_state is not None:
+            model.language_model.load_state_dict(lm_state)
     model.to(device)
+    decoder_cfg = model_cfg.decoder
 
+    if data_cfg.text_replay:   # before any phase: the answers are the untrained LM's own
+        before = len(train_set)
+        train_set = _with_text_replay(model, tokenizer, train_set, data_cfg)
+        if distributed.is_main():   # kept for reading: what the LM is held to
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "text_replay.jsonl").write_text("".join(
+                json.dumps({"prompt": c.messages[0].content, "answer": c.messages[1].content}) + "\n"
+                for c in train_set.conversations[before:]))
     max_length = min(data_cfg.max_length, decoder_cfg.max_positions)
     prompt = ImagePrompt(tokenizer, model_cfg.image_prompt, model_cfg.image_tokens, model_cfg.image_token)
     encoded, too_long = encode_all(train_set, tokenizer, prompt, max_length)
@@ -141,8 +125,9 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
     save = checkpoint_saver(model, "vlm", model_cfg.to_dict(), tokenizer, transform, run_config)
     eval_fn = (lambda net: hooks.evaluate(trained)) if hooks is not None else None
 
-    if not (resume and any((out_dir / n / "checkpoints").is_dir() or (out_dir / n / "model").is_dir()
-                           for n in ("align", "instruct"))):
+    started = resume and any((out_dir / n / "checkpoints").is_dir() or (out_dir / n / "model").is_dir()
+                             for n in ("align", "instruct"))
+    if not (started or cfg.init):   # a published model's projector is trained already
         _calibrate_projector(model, train_set, device)
 
     # ---- the two phases
@@ -152,6 +137,9 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
         if phase.skip:
             continue
         if resume and (phase_dir / "model" / "model.safetensors").is_file():
+            lora = read_config(phase_dir / "model").get("lora")
+            if lora:   # it kept its adapters unmerged
+                restore_lora(model, lora)
             load_weights(model, phase_dir / "model")   # this phase finished in an earlier run
             continue
         rows = [i for i, e in enumerate(encoded) if e is not None and of_kinds(train_set.conversations[i], phase.tasks)]
@@ -194,11 +182,93 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
             trainer.resume()
         if trainer.fit() != "done":
             return RunResult(out_dir / "model", {}, "interrupted")
-        merge_lora(model)
+        if phase.merge_lora:
+            merge_lora(model)
         if distributed.is_main():
             save(phase_dir / "model")
 
     return finish_run(trained, hooks, save)
+
+
+def _eyes(cfg: VlmRunConfig) -> tuple[VLMConfig, VlmDataConfig, ImageTransform, dict | None]:
+    """A Stage 1 vision tower (if any) fixes the vision config and the preprocessing."""
+    model_cfg, data_cfg, vision_state, pre = cfg.model, cfg.data, None, None
+    if cfg.vision_init:
+        vision_cfg, vision_state, pre = read_vision_tower(cfg.vision_init)
+        model_cfg = model_cfg.replace(vision=vision_cfg.to_dict())
+        data_cfg = data_cfg.replace(image_size=pre.get("size", vision_cfg.image_size),
+                                    resize_mode=pre.get("resize_mode", data_cfg.resize_mode),
+                                    mean=pre.get("mean", data_cfg.mean), std=pre.get("std", data_cfg.std))
+    if vision_state is not None and pre:
+        # The tower's own preprocessing, whole: an imported CLIP also carries its
+        # shortest-edge resize and rescale factor, which the data config has no fields for.
+        transform = ImageTransform.from_dict({**pre, "tile_longest_edge": data_cfg.split_longest_edge})
+    else:
+        transform = ImageTransform.for_data(data_cfg, model_cfg.vision.image_size)
+    if transform.tiled:   # the LM must be told where each tile sits
+        model_cfg = model_cfg.replace(image_prompt="idefics3")
+        if transform.tile_longest_edge > MAX_GRID * transform.size:
+            raise ValueError(f"data.split_longest_edge {transform.tile_longest_edge} would cut more than {MAX_GRID} "
+                             f"tiles of {transform.size} px along a side; the row/column markers stop at {MAX_GRID}")
+    return model_cfg, data_cfg, transform, vision_state
+
+
+def _training_set(data_cfg: VlmDataConfig, transform: ImageTransform) -> ConversationSet:
+    train_set = build_set(data_cfg, "train", data_cfg.train_size, transform)
+    if train_set.dropped:
+        log.warning(f"{train_set.dropped} training conversations dropped: their images could not be read")
+    return train_set
+
+
+def _brain(cfg: VlmRunConfig, model_cfg: VLMConfig, train_set: ConversationSet, out_dir: Path,
+           resume: bool) -> tuple[VLMConfig, LMTokenizer, dict | None]:
+    """A pretrained LM (its tokenizer comes with it) or a small one from scratch."""
+    lm_state = None
+    if cfg.lm_init:
+        from vlmkit.convert.auto import load_decoder
+
+        lm, tokenizer = load_decoder(cfg.lm_init, max_positions=model_cfg.decoder.max_positions)
+        decoder_cfg, lm_state = lm.cfg, lm.state_dict()
+        del lm
+        if model_cfg.image_prompt == "idefics3":   # the tile markers become new, trainable words
+            tokenizer = tokenizer.with_tokens(tile_markers())
+            decoder_cfg, lm_state = grow_vocabulary(decoder_cfg, lm_state, tokenizer.vocab_size)
+    else:
+        markers = tile_markers() if model_cfg.image_prompt == "idefics3" else ()
+        tokenizer = run_tokenizer(out_dir, resume, lambda: LMTokenizer.train(
+            [render_chatml(c.messages) for c in train_set.conversations], vocab_size=cfg.tokenizer_vocab,
+            extra_tokens=markers), LMTokenizer.from_pretrained)
+        decoder_cfg = model_cfg.decoder.replace(vocab_size=tokenizer.vocab_size)
+    return model_cfg.replace(decoder=decoder_cfg.to_dict(), image_token_id=tokenizer.image_id), tokenizer, lm_state
+
+
+@torch.no_grad()
+def _with_text_replay(model: VisionLanguageModel, tokenizer: LMTokenizer, data: ConversationSet,
+                      data_cfg: VlmDataConfig, batch_size: int = 64) -> ConversationSet:
+    """`data` plus plain-text conversations answered by the model as it is now (see data/text_replay.py)."""
+    prompts = replay_prompts(data_cfg.text_replay)
+    limit = model.cfg.decoder.max_positions - data_cfg.text_replay_tokens
+    ids = [encode_conversation([{"role": "user", "content": p}], tokenizer, 0, limit, add_generation_prompt=True).ids
+           for p in prompts]
+    engine, stops = Engine(model, tokenizer.pad_id), set(tokenizer.stop_ids)
+    params = SamplingParams(max_new_tokens=data_cfg.text_replay_tokens, stop_ids=tuple(stops))
+    was_training = model.training
+    model.eval()
+    added = []
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        for prompt, out in zip(prompts[start:], engine.generate(chunk, [None] * len(chunk), params)):
+            finished = bool(out) and out[-1] in stops
+            answer = tokenizer.decode(out[:-1] if finished else out).strip()
+            end = max(answer.rfind(c) for c in ".!?")
+            if not finished and end >= 0:   # cut at the last full sentence: the end-of-turn then follows one
+                answer = answer[: end + 1]
+            if answer:
+                added.append(Conversation([Message("user", prompt), Message("assistant", answer)], [],
+                                          {"kind": "text", "answer": answer}))
+    model.train(was_training)
+    log.info(f"text replay: {len(added)} plain-text conversations answered by the LM itself")
+    return ConversationSet(data.images, data.conversations + added, data.dropped)
 
 
 def grow_vocabulary(cfg: DecoderConfig, state: dict[str, torch.Tensor], size: int) -> tuple[DecoderConfig, dict]:

@@ -63,7 +63,10 @@ class EasyVQA(Source):
     classes = [f"{c} {s}" for c in COLOURS for s in SHAPES]
     templates = ["a {}."]  # the captions' own style
 
-    def __init__(self, split: str = "train"):
+    def __init__(self, split: str = "train", instruction: str | None = None):
+        # An instruction added after every question ("Answer with one word."), as LLaVA-1.5
+        # asks for short answers: a pretrained LM then ties its brevity to the request.
+        self.instruction = instruction
         try:
             import easy_vqa
         except ImportError as e:
@@ -104,7 +107,8 @@ class EasyVQA(Source):
         for i, (question, answer, image_id) in enumerate(self.questions):
             if image_id not in rows:
                 raise ValueError(f"easy_vqa {self.split} question {i}: image id {image_id} has no image")
-            convs.append(Conversation([Message("user", f"{IMAGE_TOKEN}\n{question}"),
+            asked = f"{question} {self.instruction}" if self.instruction else question
+            convs.append(Conversation([Message("user", f"{IMAGE_TOKEN}\n{asked}"),
                                        Message("assistant", answer)], [rows[image_id]],
                                       {"kind": question_kind(answer, f"easy_vqa {self.split} question {i}"),
                                        "answer": answer, "question": question}))

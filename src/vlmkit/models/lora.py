@@ -2,7 +2,9 @@
 
 `inject_lora` wraps the chosen `nn.Linear`s of a module; only the adapters train.
 `merge_lora` folds W + (alpha / r) B A back into plain linears, so a finished model has
-the original parameter names and loads (and exports) like one trained in full.
+the original parameter names and loads (and exports) like one trained in full. A model
+saved with its adapters unmerged records them (`describe_lora`), and `restore_lora` wraps
+the same layers again before its weights are loaded.
 """
 from __future__ import annotations
 
@@ -64,3 +66,26 @@ def merge_lora(module: nn.Module) -> int:
 def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter weights, to save them apart from the (unchanged) base model."""
     return {k: v for k, v in module.state_dict().items() if ".lora_a" in k or ".lora_b" in k}
+
+
+def describe_lora(module: nn.Module) -> dict | None:
+    """Which layers carry adapters, and their rank and alpha (None: no adapters)."""
+    layers = {name: m for name, m in module.named_modules() if isinstance(m, LoRALinear)}
+    if not layers:
+        return None
+    shapes = {(m.lora_a.shape[0], m.scale * m.lora_a.shape[0]) for m in layers.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"adapters of several ranks or alphas {sorted(shapes)}; one of each can be recorded")
+    rank, alpha = shapes.pop()
+    return {"rank": rank, "alpha": alpha, "layers": sorted(layers)}
+
+
+def restore_lora(module: nn.Module, lora: dict) -> None:
+    """Wrap the layers `describe_lora` named, so a saved state with adapters loads into `module`."""
+    for name in lora["layers"]:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name)
+        layer = getattr(parent, child, None)
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(f"the adapters name layer {name!r}, which is not a linear layer of this model")
+        setattr(parent, child, LoRALinear(layer, int(lora["rank"]), float(lora["alpha"])))
