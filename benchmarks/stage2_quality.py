@@ -167,10 +167,10 @@ def llava_smol(out: Path) -> None:
 
     cfg = vlm_preset("llava-smol").override({"vision_init": str(_stage1("easy-vqa", out))})
     r, minutes = _train("llava-smol", cfg, out)
-    tuned = vlmkit.load(out / "llava-smol" / "model")
+    tuned = vlmkit.load(out / "llava-smol" / "model", precision="fp32")
     tuned_score, tuned_rows = text_only_score(tuned)
     # The same model with the base LM's own weights back: SmolLM2-135M-Instruct as it was.
-    base = vlmkit.load(out / "llava-smol" / "model")
+    base = vlmkit.load(out / "llava-smol" / "model", precision="fp32")
     base.model.language_model.load_state_dict(load_decoder(cfg.lm_init)[0].state_dict())
     base_score, base_rows = text_only_score(base)
     (out / "llava-smol" / "text_only.json").write_text(json.dumps({"tuned": tuned_rows, "base": base_rows}, indent=1))

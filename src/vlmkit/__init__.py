@@ -6,8 +6,19 @@
     vlm = vlmkit.load("runs/demo/stage2/model")       # Stage 2: a generative VLM
     vlm.ask("shapes.png", "What colour is the circle?")
 """
-from vlmkit.inference.api import load
-from vlmkit.presets import preset, vlm_preset
 from vlmkit.runtime import VERSION as __version__
 
 __all__ = ["load", "preset", "vlm_preset", "__version__"]
+
+
+def __getattr__(name: str):
+    # Imported on first use: `import vlmkit` (and every `vlmkit --help`) stays free of torch.
+    if name == "load":
+        from vlmkit.inference.api import load
+
+        return load
+    if name in ("preset", "vlm_preset"):
+        from vlmkit import presets
+
+        return getattr(presets, name)
+    raise AttributeError(f"module 'vlmkit' has no attribute {name!r}")

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from vlmkit.config import FORMAT_VERSION, ConfigError, DualEncoderConfig, VisionConfig, VLMConfig
 from vlmkit.models.lora import describe_lora, merge_lora, restore_lora
+from vlmkit.models.quant import int8_layers, quantized_layers
 
 REQUIRED_FILES = ("config.json", "model.safetensors")
 MODEL_KINDS = ("dual_encoder", "vlm", "text_encoder", "decoder")
@@ -88,6 +89,8 @@ def save_checkpoint(
         lora = describe_lora(model)
         if lora is not None:   # unmerged adapters: `load_model` wraps the same layers again
             config["lora"] = lora
+        if quantized_layers(model):   # int8 layers: `load_model` swaps the same ones in
+            config["int8"] = quantized_layers(model)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         weights = {k: v.detach().contiguous().cpu() for k, v in unique_state_dict(model).items()}
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -127,20 +130,67 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load model.safetensors strictly: any missing, unexpected or mis-shaped tensor is an error."""
-    file = Path(path) / "model.safetensors"
-    state = read_weights(path)
+    """Load model.safetensors strictly: any missing, unexpected or mis-shaped tensor is an error.
+
+    A model built on the meta device (see `empty_model`) takes the file's tensors as they are,
+    with no copy; a real one has them copied in.
+    """
+    assign_state(model, read_weights(path), Path(path) / "model.safetensors")
+
+
+def assign_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path = "state") -> None:
+    """Put `state` into `model`, strictly: every real tensor present, none unknown, shapes equal.
+
+    Tied aliases (an lm_head sharing the embedding) are absent from checkpoints on purpose
+    and stay tied. If the model was built on the meta device, its parameters become the
+    given tensors (cast to the dtype the model was built with), which skips both the random
+    initialisation and a copy: loading then costs what reading the file costs.
+    """
     expected = unique_state_dict(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{file}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+        raise CheckpointError(f"{source}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
-            raise CheckpointError(f"{file}: {key} has shape {list(tensor.shape)}, model expects {list(expected[key].shape)}")
-    # Not strict: tied aliases (lm_head = embed) are absent from the file on purpose; the
-    # key check above already covered every real tensor.
-    model.load_state_dict(state, strict=False)
+            raise CheckpointError(f"{source}: {key} has shape {list(tensor.shape)}, model expects {list(expected[key].shape)}")
+    if not any(t.is_meta for t in expected.values()):
+        model.load_state_dict(state, strict=False)
+        return
+    aliases = _aliases(model)
+    state = {k: v.to(expected[k].dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    for alias, original in aliases:
+        owner, name = _owner(model, alias)
+        setattr(owner, name, model.get_parameter(original))
+
+
+@contextmanager
+def empty_model() -> Iterator[None]:
+    """Build models inside this block on the meta device: no memory, no random initialisation.
+
+    Only for a model whose every tensor `assign_state` / `load_weights` fills next; buffers
+    derived from the config are built on the CPU by the modules themselves.
+    """
+    with torch.device("meta"):
+        yield
+
+
+def _aliases(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """(alias, original) parameter names for parameters shared under two names."""
+    first: dict[int, str] = {}
+    out = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out.append((name, first[id(p)]))
+        else:
+            first[id(p)] = name
+    return out
+
+
+def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    module, _, attr = name.rpartition(".")
+    return (model.get_submodule(module) if module else model), attr
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -177,7 +227,8 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     seen: set[tuple[int, int]] = set()
     unique = {}
     for key, tensor in model.state_dict(keep_vars=True).items():
-        ident = (tensor.data_ptr(), tensor.numel())
+        # Meta tensors (a model not loaded yet) have no storage: the same object is the alias.
+        ident = id(tensor) if tensor.is_meta else (tensor.data_ptr(), tensor.numel())
         if tensor.numel() and ident in seen:
             continue
         seen.add(ident)
@@ -233,9 +284,12 @@ def build_model(kind: str, model_config: dict[str, Any]) -> torch.nn.Module:
 def load_model(path: str | Path, merge: bool = True) -> torch.nn.Module:
     """The model of a checkpoint, in eval mode; adapters saved unmerged are merged unless `merge` is False."""
     config = read_config(path)
-    model = build_model(config["kind"], config["model"])
-    if config.get("lora"):
-        restore_lora(model, config["lora"])
+    with empty_model():
+        model = build_model(config["kind"], config["model"])
+        if config.get("lora"):
+            restore_lora(model, config["lora"])
+        if config.get("int8"):
+            int8_layers(model, config["int8"])
     load_weights(model, path)
     if merge:
         merge_lora(model)

@@ -19,6 +19,7 @@ from typing import Callable, Literal
 from vlmkit.runtime import configure_logging, missing_dependency
 
 log = logging.getLogger("vlmkit.cli")
+Precision = Literal["auto", "fp32", "bf16", "int8"]
 
 # ---- commands -------------------------------------------------------------------------
 
@@ -102,7 +103,7 @@ def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int) -> d
 
 
 def caption(image: str, model: str, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-            seed: int = 0, heatmap: str | None = None) -> None:
+            seed: int = 0, heatmap: str | None = None, precision: Precision = "auto") -> None:
     """Describe an image in one sentence (alt text).
 
     Args:
@@ -113,10 +114,11 @@ def caption(image: str, model: str, max_tokens: int = 64, temperature: float = 0
         top_p: nucleus sampling threshold.
         seed: sampling seed.
         heatmap: write a PNG of where each word looked in the image.
+        precision: auto (bf16 where the hardware has it, else fp32), fp32, bf16, or int8 (int8 LM weights: fastest decoding).
     """
     from vlmkit.inference.api import load
 
-    m = _assistant(load(model))
+    m = _assistant(load(model, precision=precision))
     text = m.caption(image, **_sampling(max_tokens, temperature, top_p, seed))
     print(text)
     if heatmap:
@@ -126,7 +128,7 @@ def caption(image: str, model: str, max_tokens: int = 64, temperature: float = 0
 
 
 def ask(image: list[str], question: str, model: str, max_tokens: int = 64, temperature: float = 0.0,
-        top_p: float = 1.0, seed: int = 0, heatmap: str | None = None) -> None:
+        top_p: float = 1.0, seed: int = 0, heatmap: str | None = None, precision: Precision = "auto") -> None:
     """Answer a question about one image or several (list them all before the question).
 
     Args:
@@ -138,12 +140,13 @@ def ask(image: list[str], question: str, model: str, max_tokens: int = 64, tempe
         top_p: nucleus sampling threshold.
         seed: sampling seed.
         heatmap: write a PNG of where each answer token looked in the image (one image only).
+        precision: auto (bf16 where the hardware has it, else fp32), fp32, bf16, or int8 (int8 LM weights: fastest decoding).
     """
     from vlmkit.inference.api import load
 
     if heatmap and len(image) > 1:
         raise ValueError("--heatmap explains one image; ask about one image to draw it")
-    m = _assistant(load(model))
+    m = _assistant(load(model, precision=precision))
     answer = m.ask(image, question, **_sampling(max_tokens, temperature, top_p, seed))
     print(answer)
     if heatmap:
@@ -151,7 +154,8 @@ def ask(image: list[str], question: str, model: str, max_tokens: int = 64, tempe
 
 
 def describe(folder: str, model: str, out: str = "alt.jsonl", format: Literal["jsonl", "html"] = "jsonl",
-             prompt: str = "Describe the image.", batch_size: int = 8, max_tokens: int = 64) -> None:
+             prompt: str = "Describe the image.", batch_size: int = 8, max_tokens: int = 64,
+             precision: Precision = "auto") -> None:
     """Write alt text for every image in a folder (resumable: run it again to continue).
 
     Args:
@@ -162,12 +166,13 @@ def describe(folder: str, model: str, out: str = "alt.jsonl", format: Literal["j
         prompt: what to ask about each image.
         batch_size: images described together.
         max_tokens: the most tokens per description.
+        precision: auto (bf16 where the hardware has it, else fp32), fp32, bf16, or int8 (int8 LM weights: fastest decoding).
     """
     from vlmkit.inference.api import load
     from vlmkit.inference.describe import describe_folder, read_records, write_page
 
     jsonl = Path(out).with_suffix(".jsonl") if format == "html" else Path(out)
-    done = describe_folder(_assistant(load(model)), folder, jsonl, prompt, batch_size, max_tokens)
+    done = describe_folder(_assistant(load(model, precision=precision)), folder, jsonl, prompt, batch_size, max_tokens)
     log.info(f"{done.described} described, {done.failed} unreadable, {done.skipped} done before: {jsonl}")
     if format == "html":
         print(write_page(read_records(jsonl), folder, Path(out).with_suffix(".html")))
@@ -176,7 +181,7 @@ def describe(folder: str, model: str, out: str = "alt.jsonl", format: Literal["j
 
 
 def chat(model: str, image: list[str] | None = None, max_tokens: int = 256, temperature: float = 0.0,
-         top_p: float = 1.0, seed: int = 0) -> None:
+         top_p: float = 1.0, seed: int = 0, precision: Precision = "auto") -> None:
     """Talk with a model about images, streaming its replies (/image PATH, /reset, /quit).
 
     Args:
@@ -186,11 +191,12 @@ def chat(model: str, image: list[str] | None = None, max_tokens: int = 256, temp
         temperature: 0 for greedy decoding; higher samples more freely.
         top_p: nucleus sampling threshold.
         seed: sampling seed.
+        precision: auto (bf16 where the hardware has it, else fp32), fp32, bf16, or int8 (int8 LM weights: fastest decoding).
     """
     from vlmkit.inference.api import load
     from vlmkit.inference.chat_session import ChatSession
 
-    session = ChatSession(_assistant(load(model)), **_sampling(max_tokens, temperature, top_p, seed))
+    session = ChatSession(_assistant(load(model, precision=precision)), **_sampling(max_tokens, temperature, top_p, seed))
     for path in image or ():
         session.attach(path)
         print(f"(image attached: {path})")
@@ -239,7 +245,7 @@ def _eval_vlm(kinds: tuple[str, ...] | None, name: str, model: str, data: str, s
     from vlmkit.evaluation.vlm_eval import evaluate_vlm
     from vlmkit.inference.api import load
 
-    m = _assistant(load(model))
+    m = _assistant(load(model, precision="fp32"))   # a score is of the model as trained, not of a faster copy
     options = {"image_size": m.transform.size} if data == "shapes" else {}
     cfg = VlmDataConfig(source=data, source_options=options, eval_size=size)
     conversations = build_set(cfg, split, size, m.transform).only(list(kinds) if kinds else None)
@@ -327,7 +333,7 @@ def evaluate(model: str, data: str = "shapes", split: str = "test", size: int = 
     from vlmkit.evaluation.report import write_report
     from vlmkit.inference.api import load
 
-    m = load(model)
+    m = load(model, precision="fp32")   # a score is of the model as trained, not of a faster copy
     # Twice the size, so `size` pairs with distinct captions remain for retrieval.
     source = build_source(data, split, **({"size": 2 * size} if data == "shapes" else {}))
     pairs = prepare(source, m.transform, limit=2 * size, desc="eval data")
@@ -429,7 +435,7 @@ def demo(out: str = "runs/demo", steps: int | None = None, vlm_steps: int | None
 
 def serve(model: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           allow_remote_images: bool = False, max_tokens: int = 1024, max_batch: int = 16, max_queue: int = 64,
-          device: str | None = None) -> None:
+          device: str | None = None, precision: Precision = "auto") -> None:
     """Serve models over an OpenAI-compatible API, with a web chat page at /.
 
     Args:
@@ -442,6 +448,7 @@ def serve(model: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
         max_batch: requests decoded together.
         max_queue: requests that may wait; beyond that the server answers 503.
         device: cpu, cuda, ... (default: cuda when available).
+        precision: auto (bf16 where the hardware has it, else fp32), fp32, bf16, or int8 (int8 LM weights: fastest decoding).
     """
     import uvicorn
 
@@ -451,12 +458,12 @@ def serve(model: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
         log.warning(f"serving on {host} without --api-key; anyone who can reach it can use it")
     settings = ServeSettings(api_key=api_key, allow_remote_images=allow_remote_images, max_tokens=max_tokens,
                              max_batch=max_batch, max_queue=max_queue)
-    models = load_models(model, device)
+    models = load_models(model, device, precision)
     log.info(f"serving {', '.join(models)} on http://{host}:{port}/ (OpenAI API under /v1)")
     uvicorn.run(create_app(models, settings), host=host, port=port, log_level="warning")
 
 
-def convert(source: str, out: str, download: bool = False) -> None:
+def convert(source: str, out: str, download: bool = False, quantize: Literal["int8"] | None = None) -> None:
     """Import a Hugging Face / GGUF checkpoint into vlmkit, or export a vlmkit one to Hugging Face.
 
     The direction follows SOURCE: a vlmkit checkpoint is exported (VLM -> LLaVA or SmolVLM,
@@ -468,10 +475,12 @@ def convert(source: str, out: str, download: bool = False) -> None:
         source: a local directory or .gguf file (a Hub id only with --download).
         out: the directory to write.
         download: allow fetching SOURCE from the Hugging Face Hub when it is not a local path.
+        quantize: int8 writes a vlmkit checkpoint whose language model has int8 weights (a quarter
+            of the bytes; fastest decoding on CPUs); the source is any model `convert` imports.
     """
     from vlmkit.convert.auto import convert as run
 
-    done, path = run(source, out, download)
+    done, path = run(source, out, download, quantize)
     print(f"{done}: {path}")
 
 

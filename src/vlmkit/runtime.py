@@ -12,9 +12,6 @@ import logging
 import os
 import sys
 
-import torch
-from tqdm.auto import tqdm
-
 VERSION = "0.2.0"   # pyproject.toml reads it from here
 LOGGER = "vlmkit"
 # Optional dependencies by import name -> the pyproject extra that installs them.
@@ -22,16 +19,61 @@ EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "pycocoevalcap": "metrics", "g
           "sklearn": "data", "easy_vqa": "data", "huggingface_hub": "hub"}
 
 
-def default_device() -> torch.device:
-    """The first CUDA device (this process's one under torchrun), else the CPU."""
+def default_device():
+    """The first CUDA device (this process's one under torchrun), else the CPU (a `torch.device`)."""
+    import torch   # here, not at the top: `vlmkit --help` and config handling never need torch
+
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
 
+def cpu_flags() -> set[str]:
+    """The instruction-set flags this CPU reports (Linux's /proc/cpuinfo; empty where unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16(device) -> bool:
+    """Whether `device` multiplies bf16 in hardware: a CUDA GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX. Elsewhere bf16 is emulated and slower than fp32."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(precision: str, device) -> str:
+    """"auto" -> "bf16" where the device has native bf16, else "fp32"; other names pass through.
+
+    The environment variable VLMKIT_PRECISION (fp32 or bf16) overrides what "auto" picks:
+    the tests set it to fp32, so that exact comparisons hold on every CPU.
+    """
+    if precision not in ("auto", "fp32", "bf16", "int8"):
+        raise ValueError(f"unknown precision {precision!r}; choose auto, fp32, bf16 or int8")
+    if precision != "auto":
+        return precision
+    forced = os.environ.get("VLMKIT_PRECISION", "")
+    if forced:
+        if forced not in ("fp32", "bf16"):
+            raise ValueError(f"VLMKIT_PRECISION={forced!r}: choose fp32 or bf16")
+        return forced
+    return "bf16" if native_bf16(device) else "fp32"
+
+
 class _TqdmHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:  # sys.stderr as it is now, not as it was when logging was configured
+            from tqdm.auto import tqdm
+
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # noqa: BLE001 - logging must never take a run down
             self.handleError(record)

@@ -40,14 +40,27 @@ def detect(source: Path) -> str:
     return model_type
 
 
-def convert(source: str | Path, out: str | Path, download: bool = False) -> tuple[str, Path]:
-    """Convert SOURCE into OUT; returns (a one-line description of what was done, OUT)."""
+def convert(source: str | Path, out: str | Path, download: bool = False,
+            quantize: str | None = None) -> tuple[str, Path]:
+    """Convert SOURCE into OUT; returns (a one-line description of what was done, OUT).
+
+    `quantize="int8"` makes OUT a vlmkit checkpoint with int8 language-model weights, from
+    a vlmkit checkpoint or anything this function imports.
+    """
+    if quantize not in (None, "int8"):
+        raise ConversionError(f"unknown quantization {quantize!r}; vlmkit offers int8")
     if str(source) not in GGUF_NAMES:
         source = hf_io.resolve_source(source, download)
     source, out = Path(source), Path(out)
     what = detect(source)
+    if what.startswith("vlmkit:") and quantize:
+        quantize_checkpoint(source, out)
+        return f"quantized vlmkit {what.split(':', 1)[1]} -> int8 weights", out
     if what.startswith("vlmkit:"):
         kind = what.split(":", 1)[1]
+        if hf_io.read_config(source).get("int8"):
+            raise ConversionError(f"{source} holds int8 weights, which Hugging Face's formats do not; "
+                                  "export the float checkpoint it was made from")
         if kind == "vlm" and config_of(source).get("image_prompt") == "idefics3":
             from vlmkit.convert.hf_smolvlm import save_hf_smolvlm as export
         elif kind == "vlm":
@@ -83,7 +96,27 @@ def convert(source: str | Path, out: str | Path, download: bool = False) -> tupl
 
         import_hf_llava(source, out)
     kind = "decoder" if what == "gguf" else IMPORTS[what]
+    if quantize:
+        quantize_checkpoint(out, out)
+        return f"imported {what} -> vlmkit {kind}, int8 weights", out
     return f"imported {what} -> vlmkit {kind}", out
+
+
+def quantize_checkpoint(source: Path, out: Path) -> None:
+    """A vlmkit checkpoint -> the same with its language model's linear layers in int8."""
+    from vlmkit.checkpoint import load_model, read_config, save_checkpoint
+    from vlmkit.models.quant import quantize_int8, quantized_layers
+
+    config = read_config(source)
+    if config["kind"] not in ("vlm", "decoder"):
+        raise ConversionError(f"{source}: int8 weights are for language models (a vlm or decoder), "
+                              f"not a {config['kind']}")
+    model = load_model(source)
+    if not quantized_layers(model):
+        quantize_int8(model, prefix="language_model" if config["kind"] == "vlm" else "")
+    keep = {f.name: f for f in Path(source).iterdir()
+            if f.is_file() and f.name not in ("config.json", "model.safetensors")}
+    save_checkpoint(out, model, config["kind"], config["model"], extra_files=keep)
 
 
 def config_of(source: Path) -> dict:

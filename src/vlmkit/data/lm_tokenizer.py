@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jinja2
 from jinja2 import nodes
@@ -169,6 +169,16 @@ class LMTokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def stream_decoder(self) -> Callable[[int], str]:
+        """Incremental decoding for one answer: feed ids one at a time, get each one's new text.
+
+        The pieces join to what `decode` gives for all the ids, but each step costs one token,
+        not the whole answer. An id that ends partway through a UTF-8 character gives "" until
+        the character is complete.
+        """
+        stream = decoders.DecodeStream(skip_special_tokens=True)
+        return lambda token: stream.step(self._backend, token) or ""
 
     def token_id(self, token: str) -> int:
         i = self._backend.token_to_id(token)

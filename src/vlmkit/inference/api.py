@@ -15,6 +15,7 @@ import torch
 from vlmkit.checkpoint import CheckpointError, load_model, read_config
 from vlmkit.data.images import ImageTransform, load_image
 from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.inference.precision import for_inference
 from vlmkit.inference.zero_shot import DEFAULT_TEMPLATES, build_classifier
 from vlmkit.runtime import default_device
 
@@ -88,8 +89,12 @@ class DualEncoderModel:
         return self.embed_images(images) if images is not None else self.embed_texts(texts)
 
 
-def load(path: str | Path, device: str | torch.device | None = None):
-    """Load a vlmkit checkpoint directory for inference (a Stage 1 or a Stage 2 model)."""
+def load(path: str | Path, device: str | torch.device | None = None, precision: str = "auto"):
+    """Load a vlmkit checkpoint directory for inference (a Stage 1 or a Stage 2 model).
+
+    `precision`: "auto" (bf16 where the device computes it natively, else fp32), "fp32",
+    "bf16" or "int8" (int8 language-model weights; see `inference.precision`).
+    """
     path = Path(path)
     config = read_config(path)
     if config["kind"] not in ("dual_encoder", "vlm"):
@@ -98,9 +103,10 @@ def load(path: str | Path, device: str | torch.device | None = None):
         raise CheckpointError(f"{path}: missing preprocessor.json")
     transform = ImageTransform.from_dict(json.loads((path / "preprocessor.json").read_text()))
     device = torch.device(device) if device else default_device()
+    model = for_inference(load_model(path), precision, device)
     if config["kind"] == "vlm":
         from vlmkit.data.lm_tokenizer import LMTokenizer
         from vlmkit.inference.assistant import VisionLanguageAssistant
 
-        return VisionLanguageAssistant(load_model(path), LMTokenizer.from_pretrained(path), transform, device)
-    return DualEncoderModel(load_model(path), Tokenizer.from_pretrained(path), transform, device)
+        return VisionLanguageAssistant(model, LMTokenizer.from_pretrained(path), transform, device)
+    return DualEncoderModel(model, Tokenizer.from_pretrained(path), transform, device)

@@ -106,50 +106,32 @@ class VisionLanguageAssistant:
 
     def _run(self, prepared, requests, params: SamplingParams, seeds: list[int]) -> Iterator[Delta]:
         stops = set(self.tokenizer.stop_ids)
-        ids = [[] for _ in requests]
-        sent = ["" for _ in requests]
-        done = [False for _ in requests]
+        answers = [_Answer(self.tokenizer, r.stop) for r in requests]
 
-        def visible(row: int) -> tuple[str, bool]:
-            """Text so far (cut at a stop string), and whether a stop string was hit."""
-            text = self._text(ids[row])
-            cuts = [text.find(s) for s in requests[row].stop if s and s in text]
-            return (text[:min(cuts)], True) if cuts else (text, False)
-
-        def should_stop(row: int, _ids: list[int]) -> bool:
-            return visible(row)[1]
+        def should_stop(row: int, ids: list[int]) -> bool:
+            # Called once per new token (other than a stop id): the answer takes it in here.
+            return answers[row].add(ids[-1])
 
         for emitted in self.engine.stream([p[0] for p in prepared], [p[1] for p in prepared], params, should_stop,
                                           seeds):
             for row, token in emitted:
-                ids[row].append(token)
-            for row, token in emitted:
-                text, hit = visible(row)
-                full = len(ids[row]) >= params.max_new_tokens
-                reason = "stop" if token in stops or hit else "length" if full else None
-                if reason is None:
-                    # Hold back an unfinished UTF-8 character, and any tail that may yet become a stop string.
-                    text = text.rstrip("\ufffd")
-                    text = text[:len(text) - _partial_stop(text, requests[row].stop)]
-                delta = text[len(sent[row]):] if text.startswith(sent[row]) else ""
+                answer = answers[row]
+                answer.tokens += 1
+                reason = ("stop" if token in stops or answer.stopped else
+                          "length" if answer.tokens >= params.max_new_tokens else None)
+                delta = answer.take(final=reason is not None)
                 if delta or reason:
-                    sent[row] += delta
-                    done[row] = reason is not None
-                    yield Delta(row, delta, reason, len(prepared[row][0]), len(ids[row]))
-        for row in range(len(requests)):
-            if not done[row]:   # the context filled up
-                yield Delta(row, self._text(ids[row])[len(sent[row]):], "length", len(prepared[row][0]), len(ids[row]))
+                    answer.done = reason is not None
+                    yield Delta(row, delta, reason, len(prepared[row][0]), answer.tokens)
+        for row, answer in enumerate(answers):
+            if not answer.done:   # the context filled up
+                yield Delta(row, answer.take(final=True), "length", len(prepared[row][0]), answer.tokens)
 
     def generate_batch(self, requests: Sequence[Request]) -> list[str]:
         out = ["" for _ in requests]
         for d in self.stream_batch(requests):
             out[d.index] += d.text
         return out
-
-    def _text(self, ids: list[int]) -> str:
-        if ids and ids[-1] in self.tokenizer.stop_ids:
-            ids = ids[:-1]
-        return self.tokenizer.decode(ids)
 
     # ------------------------------------------------------------------ the everyday calls
     def ask(self, image, question: str, stream: bool = False, **sampling) -> str | Iterator[str]:
@@ -255,6 +237,42 @@ class VisionLanguageAssistant:
         shown = load_image(image).resize((self.transform.size, self.transform.size))
         return plot_attention_heatmap(shown, attn, tokens, path, grid=(grid, grid),
                                       title=f"Q: {question}  A: {''.join(tokens).strip()}")
+
+
+class _Answer:
+    """One request's answer as it streams: text decoded a token at a time, cut at a stop string.
+
+    `take` hands out the text not yet sent, holding back any tail that may still grow into
+    a stop string, so a client never sees a stop string or a piece of one.
+    """
+
+    def __init__(self, tokenizer: LMTokenizer, stop: Sequence[str]):
+        self.tokenizer, self.decode = tokenizer, tokenizer.stream_decoder()
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text, self.sent = "", 0
+        self.tokens, self.stopped, self.done = 0, False, False
+
+    def add(self, token: int) -> bool:
+        """Take in one generated id (not a stop id); True once a stop string has appeared."""
+        self.ids.append(token)
+        before = len(self.text)
+        self.text += self.decode(token)
+        for s in self.stop:   # a new match can only end in the new piece
+            at = self.text.find(s, max(0, before - len(s) + 1))
+            if at >= 0:
+                self.text, self.stopped = self.text[:at], True
+        return self.stopped
+
+    def take(self, final: bool) -> str:
+        if final and not self.stopped:
+            # The stream holds back an unfinished UTF-8 character; the answer ends, so decode
+            # it whole, once, as `decode` would (an incomplete character becomes U+FFFD).
+            self.text = self.tokenizer.decode(self.ids)
+        end = len(self.text) if final or self.stopped else len(self.text) - _partial_stop(self.text, self.stop)
+        delta = self.text[self.sent:end]
+        self.sent = max(self.sent, end)
+        return delta
 
 
 @dataclass

@@ -61,16 +61,29 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
 
 
 class Engine:
-    """Batched generation for a `VisionLanguageModel` (or anything with the same forward)."""
+    """Batched generation for a `VisionLanguageModel` or a text-only `DecoderLM`.
+
+    The KV cache, the key mask and the positions are allocated once for the whole answer; a
+    decode step writes one column of each, and a finished row stays in the batch (its
+    output ignored) instead of being copied out of the cache. Nothing is concatenated or
+    reallocated per token.
+    """
 
     def __init__(self, model: torch.nn.Module, pad_id: int):
         self.model = model
         self.pad_id = pad_id
-        self.max_positions = model.cfg.decoder.max_positions
+        # A VLM holds its decoder as `language_model`; a DecoderLM is its own.
+        self.lm = getattr(model, "language_model", model)
+        self.max_positions = self.lm.cfg.max_positions
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype activations run in: the embedding table's (an int8 model keeps it in float)."""
+        return self.lm.embed.weight.dtype
 
     @torch.inference_mode()
     def stream(self, prompts: Sequence[Sequence[int]], pixels: Sequence[torch.Tensor | None],
@@ -87,66 +100,71 @@ class Engine:
             raise ValueError(f"got {len(prompts)} prompts but {len(pixels)} image lists")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
         longest = max(len(p) for p in prompts)
         if longest >= self.max_positions:
             raise ValueError(f"the prompt is {longest} tokens; the model's context is {self.max_positions}")
         new_tokens = min(params.max_new_tokens, self.max_positions - longest)
-        device, B = self.device, len(prompts)
+        device, B, total = self.device, len(prompts), longest + new_tokens
 
         ids = torch.full((B, longest), self.pad_id, dtype=torch.long)
-        key_mask = torch.zeros((B, longest), dtype=torch.long)
+        key_mask = torch.ones((B, total), dtype=torch.bool)   # generated positions are all real
         for row, p in enumerate(prompts):
             ids[row, longest - len(p):] = torch.tensor(list(p))
-            key_mask[row, longest - len(p):] = 1
+            key_mask[row, :longest - len(p)] = False
         ids, key_mask = ids.to(device), key_mask.to(device)
-        positions = (key_mask.cumsum(1) - 1).clamp(min=0)
-        images = [p for p in pixels if p is not None and len(p)]
-        image_pixels = torch.cat(images).to(device) if images else None
+        padded = not bool(key_mask.all())
+        positions = (key_mask[:, :longest].cumsum(1) - 1).clamp(min=0)
+        cache = KVCache(self.lm.cfg, B, total, device, self.dtype)
+        logits = self._prefill(ids, pixels, positions, key_mask[:, :longest] if padded else None, cache)
 
-        dtype = next(self.model.parameters()).dtype
-        cache = KVCache(self.model.cfg.decoder, B, longest + new_tokens, device, dtype)
-        padded = bool((key_mask == 0).any())
-        logits = self.model(ids, pixels=image_pixels, positions=positions, cache=cache,
-                            key_mask=key_mask if padded else None, last_only=True)[:, -1].float()
-
-        vocab = logits.shape[-1]
-        seen = torch.zeros((B, vocab), dtype=torch.bool, device=device)
+        seen = None
         if params.repetition_penalty != 1.0:
-            seen.scatter_(1, ids.masked_fill((ids >= vocab) | (key_mask == 0), 0), True)
-        if seeds is not None and len(seeds) != B:
-            raise ValueError(f"got {len(seeds)} seeds for {B} prompts")
+            vocab = logits.shape[-1]
+            seen = torch.zeros((B, vocab), dtype=torch.bool, device=device)
+            seen.scatter_(1, ids.masked_fill((ids >= vocab) | ~key_mask[:, :longest], 0), True)
         generators = [torch.Generator(device=device).manual_seed(params.seed if seeds is None else seeds[row])
                       for row in range(B)]
         stop_ids = set(params.stop_ids)
-        rows = list(range(B))                 # original index of each row still running
+        running = [True] * B
         outputs: list[list[int]] = [[] for _ in range(B)]
-        last_pos = positions[:, -1]
+        position = positions[:, -1:] + 1                      # [B, 1], each row's next position
 
         for step in range(new_tokens):
-            if params.repetition_penalty != 1.0:
+            if seen is not None:
                 logits = penalize_repeats(logits, seen, params.repetition_penalty)
-            tokens = self._pick(logits, params, [generators[r] for r in rows])       # [b]
-            emitted, keep = [], []
-            for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
+            tokens = self._pick(logits, params, generators, running)       # [B]
+            emitted = []
+            for row, token in enumerate(tokens.tolist()):
+                if not running[row]:
+                    continue
                 outputs[row].append(token)
                 emitted.append((row, token))
-                stopped = token in stop_ids or (should_stop is not None and should_stop(row, outputs[row]))
-                if not stopped:
-                    keep.append(i)
+                if token in stop_ids or (should_stop is not None and should_stop(row, outputs[row])):
+                    running[row] = False
             yield emitted
-            if not keep or step == new_tokens - 1:
+            if not any(running) or step == new_tokens - 1:
                 return
-            if len(keep) < len(rows):        # finished rows leave the batch
-                index = torch.tensor(keep, device=device)
-                cache.select(index)
-                tokens, key_mask, last_pos, seen = tokens[index], key_mask[index], last_pos[index], seen[index]
-                rows = [rows[i] for i in keep]
-            if params.repetition_penalty != 1.0:
-                seen[torch.arange(len(rows), device=device), tokens] = True
-            last_pos = last_pos + 1
-            key_mask = torch.cat([key_mask, torch.ones_like(key_mask[:, :1])], dim=1)
-            logits = self.model.language_model(tokens[:, None], positions=last_pos[:, None], cache=cache,
-                                               key_mask=key_mask if padded else None)[:, -1].float()
+            if seen is not None:
+                seen[torch.arange(B, device=device), tokens] = True
+            mask = key_mask[:, :cache.length + 1] if padded else None
+            logits = self.lm(tokens[:, None], positions=position, cache=cache, key_mask=mask)[:, -1].float()
+            position += 1
+
+    def _prefill(self, ids: torch.Tensor, pixels: Sequence[torch.Tensor | None], positions: torch.Tensor,
+                 key_mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+        """Run the prompts through the model into `cache`; the last position's logits [B, vocab] in fp32."""
+        images = [p for p in pixels if p is not None and len(p)]
+        if self.lm is self.model:
+            if images:
+                raise ValueError("this is a text-only language model; it takes no images")
+            out = self.model(ids, positions=positions, cache=cache, key_mask=key_mask, last_only=True)
+        else:
+            image_pixels = torch.cat(images).to(self.device) if images else None
+            out = self.model(ids, pixels=image_pixels, positions=positions, cache=cache, key_mask=key_mask,
+                             last_only=True)
+        return out[:, -1].float()
 
     def generate(self, prompts: Sequence[Sequence[int]], pixels: Sequence[torch.Tensor | None],
                  params: SamplingParams, should_stop: Callable[[int, list[int]], bool] | None = None,
@@ -159,9 +177,12 @@ class Engine:
         return outputs
 
     @staticmethod
-    def _pick(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:
+    def _pick(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator],
+              running: list[bool]) -> torch.Tensor:
         if params.temperature == 0:
             return logits.argmax(-1)
         logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
         probs = logits.softmax(-1)
-        return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)])
+        # A finished row draws nothing: its generator stays where a row run alone would leave it.
+        return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] if running[i] else probs[i].argmax()
+                            for i, g in enumerate(generators)])

@@ -54,7 +54,7 @@ class VisionTransformer(nn.Module):
         p = self.cfg.patch_size
         if pixels.shape[2] % p or pixels.shape[3] % p:
             raise ValueError(f"image size {tuple(pixels.shape[2:])} is not a multiple of the patch size {p}")
-        x = self.patch_embed(pixels)  # [B, D, H/p, W/p]
+        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))  # [B, D, H/p, W/p]; a bf16 tower takes bf16
         grid_h, grid_w = x.shape[2], x.shape[3]
         x = x.flatten(2).transpose(1, 2)  # [B, N, D]
         if self.class_token is not None:

@@ -402,11 +402,11 @@ def model_name(path: str | Path) -> str:
     return path.parent.name if path.name == "model" else path.name
 
 
-def load_models(paths: list[str], device: str | None = None) -> dict[str, Any]:
+def load_models(paths: list[str], device: str | None = None, precision: str = "auto") -> dict[str, Any]:
     models: dict[str, Any] = {}
     for p in paths:
         name = model_name(p)
         if name in models:
             raise ValueError(f"two models would be called {name!r}; rename one of the directories")
-        models[name] = load(p, device=device)
+        models[name] = load(p, device=device, precision=precision)
     return models

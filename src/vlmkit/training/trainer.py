@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from vlmkit.checkpoint import latest_checkpoint, load_trainer_state, load_weights
 from vlmkit.config import TrainConfig
+from vlmkit.runtime import resolve_precision
 from vlmkit.training import distributed
 
 logger = logging.getLogger(__name__)
@@ -69,8 +70,9 @@ class Trainer:
         self.device = device or distributed.default_device()
         self.wrapped = distributed.wrap_model(model)
         # `groups` lets a recipe give parts of the model their own learning rate.
+        # Fused: one kernel updates every tensor, instead of a dozen elementwise passes each.
         self.optimizer = torch.optim.AdamW(groups or param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                           betas=(0.9, cfg.beta2), eps=1e-6)
+                                           betas=(0.9, cfg.beta2), eps=1e-6, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.step = 0
         self.stop_requested = False
@@ -208,14 +210,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return totals
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
 
 
 def format_metrics(results: dict[str, Any]) -> str:
