@@ -242,7 +242,7 @@ def generation(report: Report, tmp: Path, repeats: int) -> dict:
     }
     models = {name: make() for name, make in sides.items()}
     section = "generation, llava-smol shape (1 image = 196 tokens + 32-53 text tokens, 64 new, greedy)"
-    out: dict = {"models": models, "tokenizer": tokenizer, "hf_dir": hf_dir, "ours_dir": ours_dir}
+    out: dict = {"models": models, "tokenizer": tokenizer, "hf_dir": hf_dir, "ours_dir": ours_dir, "timing": {}}
     for batch in (1, 8):
         prompts, pixels = llava_inputs(tokenizer, batch)
         names = list(models)
@@ -263,22 +263,22 @@ def generation(report: Report, tmp: Path, repeats: int) -> dict:
             first = [r[0] for r in runs[name]]
             decode = [batch * (NEW_TOKENS - 1) / (r[1] - r[0]) for r in runs[name]]
             pre, dec = statistics.median(first), statistics.median(decode)
-            out[(batch, name)] = {"prefill_s": pre, "decode_tok_s": dec,
-                                  "e2e_tok_s": statistics.median(batch * NEW_TOKENS / r[1] for r in runs[name])}
+            timing = {"prefill_s": pre, "decode_tok_s": dec,
+                      "e2e_tok_s": statistics.median(batch * NEW_TOKENS / r[1] for r in runs[name])}
+            out["timing"][(batch, name)] = timing
             report.add(section, f"b{batch} prefill (time to first token) ms, {name}",
                        f"{pre * 1000:.0f} ({min(first) * 1000:.0f}-{max(first) * 1000:.0f})",
                        f"b{batch}/{name}/prefill_ms", pre * 1000)
             report.add(section, f"b{batch} decode tokens/s, {name}", f"{dec:.1f} ({min(decode):.1f}-{max(decode):.1f})",
                        f"b{batch}/{name}/decode_tok_s", dec)
-            report.add(section, f"b{batch} end-to-end tokens/s, {name}", f"{out[(batch, name)]['e2e_tok_s']:.1f}",
-                       f"b{batch}/{name}/e2e_tok_s", out[(batch, name)]["e2e_tok_s"])
+            report.add(section, f"b{batch} end-to-end tokens/s, {name}", f"{timing['e2e_tok_s']:.1f}",
+                       f"b{batch}/{name}/e2e_tok_s", timing["e2e_tok_s"])
     return out
 
 
 def headline(report: Report, gen: dict) -> None:
     def best(batch: int, side: str, key: str, lower: bool = False) -> tuple[str, float]:
-        cands = [(name, v[key]) for (b, name), v in gen.items() if isinstance(b, int) and b == batch
-                 and name.startswith(side)]
+        cands = [(name, v[key]) for (b, name), v in gen["timing"].items() if b == batch and name.startswith(side)]
         return (min if lower else max)(cands, key=lambda c: c[1])
 
     for batch in (1, 8):
@@ -556,7 +556,7 @@ def roofline(report: Report, gen: dict | None) -> None:
         weight_bytes = sum(t.numel() * t.element_size() for k, t in lm.state_dict().items()
                            if not k.startswith("embed."))   # the embedding is looked up, not read whole
         kv = 2 * lm.cfg.depth * lm.cfg.kv_heads * lm.cfg.head_dim * 260 * (4 if name.endswith("fp32") else 2)
-        tok_s = gen[(1, name)]["decode_tok_s"]
+        tok_s = gen["timing"][(1, name)]["decode_tok_s"]
         gbs = (weight_bytes + kv) * tok_s / 1e9
         report.add(section, f"decode b1 effective GB/s, {name} ({weight_bytes / 1e6:.0f} MB of weights per token)",
                    f"{gbs:.1f} ({gbs / bandwidth:.0%} of the measured read speed)", f"roofline/decode_gbs/{name}", gbs)
@@ -598,7 +598,7 @@ WORKLOADS = ("generation", "context", "encode", "stage1", "stage2", "roofline", 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default=",".join(WORKLOADS), help=f"comma-separated, from {', '.join(WORKLOADS)}")
     parser.add_argument("--dry-run", action="store_true", help="print the rows; write nothing")
     args = parser.parse_args()
@@ -610,14 +610,26 @@ def main() -> None:
     report = Report()
     machine_rows(report)
     started = time.time()
+    try:
+        run(report, chosen, args.repeats)
+    except BaseException as e:   # what finished is still written, and says where it stopped
+        report.add("machine", "benchmark stopped early", f"{type(e).__name__}: {e}".replace("|", "/")[:200])
+        raise
+    finally:
+        report.add("machine", "benchmark wall time, min", f"{(time.time() - started) / 60:.1f}")
+        if not args.dry_run:
+            publish(report)
+
+
+def run(report: Report, chosen: list[str], repeats: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        gen = generation(report, Path(tmp), args.repeats) if "generation" in chosen else None
+        gen = generation(report, Path(tmp), repeats) if "generation" in chosen else None
         if gen is not None:
             headline(report, gen)
         if "context" in chosen and gen is not None:
-            context(report, gen, max(2, args.repeats // 2))
+            context(report, gen, max(2, repeats // 2))
         if "encode" in chosen:
-            enc = encode(report, args.repeats)
+            enc = encode(report, repeats)
             best = {k: (max(v for n, v in r.items() if n.startswith("vlmkit")),
                         max(v for n, v in r.items() if n.startswith("transformers"))) for k, r in enc.items()}
             worst = min(a / b for a, b in best.values())
@@ -625,20 +637,17 @@ def main() -> None:
                        f"{worst:.2f}x (the lower of CLIP B/32 and SigLIP B/16, each side's fastest precision)",
                        "image_encode_speedup", worst)
         if "stage1" in chosen:
-            s1 = stage1(report, max(2, args.repeats // 2))
+            s1 = stage1(report, max(2, repeats // 2))
             a = max(v for n, v in s1.items() if n.startswith("vlmkit"))
             b = max(v for n, v in s1.items() if n.startswith("transformers"))
             report.add("speed", "stage1 train speed-up vs transformers", f"{a / b:.2f}x (each side's fastest precision)",
                        "stage1_train_speedup", a / b)
         if "stage2" in chosen and gen is not None:
-            stage2(report, gen, max(2, args.repeats // 2))
+            stage2(report, gen, max(2, repeats // 2))
         if "roofline" in chosen:
             roofline(report, gen)
         if "startup" in chosen:
-            startup(report, gen, args.repeats)
-    report.add("machine", "benchmark wall time, min", f"{(time.time() - started) / 60:.1f}")
-    if not args.dry_run:
-        publish(report)
+            startup(report, gen, repeats)
 
 
 def publish(report: Report) -> None:
