@@ -158,6 +158,8 @@ def test_precision_names_and_the_tests_override(monkeypatch):
     # Inference on a CPU reads bf16 weights (half the bytes per token) with or without bf16
     # arithmetic; training's "auto" wants bf16 arithmetic, so it follows the CPU's flags.
     assert inference_precision("auto", torch.device("cpu")) == "bf16"
+    # An encoder only (a Stage 1 model) is bound by arithmetic: bf16 weights would only add casts.
+    assert inference_precision("auto", torch.device("cpu"), decodes=False) == resolve_precision("auto", "cpu")
     assert resolve_precision("auto", "cpu") == ("bf16" if native_bf16("cpu") else "fp32")
     monkeypatch.setenv("VLMKIT_PRECISION", "int8")
     with pytest.raises(ValueError, match="VLMKIT_PRECISION='int8'"):

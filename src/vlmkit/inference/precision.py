@@ -5,8 +5,9 @@ AMX) runs the whole model in bf16. On a CPU without those instructions it keeps 
 language model's linear weights in bf16 (half the bytes to read per decoded token) but
 computes in fp32, which is several times faster there than emulated bf16 (see
 `models.quant`). "int8" stores those weights as int8: a quarter of fp32's bytes; the rest
-runs in bf16 where that is native, else fp32. "auto" is bf16 on every CPU and on GPUs with
-bf16, else fp32; the environment variable VLMKIT_PRECISION (fp32 or bf16) overrides it.
+runs in bf16 where that is native, else fp32. "auto" is bf16 for a model that decodes text on
+any CPU, and wherever bf16 is native, else fp32; the environment variable VLMKIT_PRECISION
+(fp32 or bf16) overrides it.
 A checkpoint saved with int8 layers stays int8 whatever is asked.
 """
 from __future__ import annotations
@@ -20,17 +21,17 @@ from vlmkit.models.quant import bf16_weights, quantize_int8, quantized_layers
 from vlmkit.runtime import native_bf16, resolve_precision
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 
-def inference_precision(precision: str, device: torch.device) -> str:
+def inference_precision(precision: str, device: torch.device, decodes: bool = True) -> str:
     """The precision "auto" (or a name) means for inference on `device`.
 
     Training's "auto" (`runtime.resolve_precision`) is bf16 only with native bf16, because
-    there bf16 arithmetic is the point. For inference on a CPU, bf16 weights halve what
-    each decoded token reads, with or without bf16 arithmetic.
+    there bf16 arithmetic is the point. For a model that decodes text on a CPU, bf16 weights
+    halve what each token reads, with or without bf16 arithmetic; a model that only encodes
+    (`decodes=False`) is bound by arithmetic, so it follows training's rule.
     """
-    if precision == "auto" and device.type == "cpu" and not os.environ.get("VLMKIT_PRECISION"):
+    if precision == "auto" and decodes and device.type == "cpu" and not os.environ.get("VLMKIT_PRECISION"):
         return "bf16"
     return resolve_precision(precision, device)
 
@@ -38,7 +39,8 @@ def inference_precision(precision: str, device: torch.device) -> str:
 def for_inference(model: torch.nn.Module, precision: str, device: torch.device | str) -> torch.nn.Module:
     """`model` on `device` in `precision` (see the module docstring), in eval mode."""
     device = torch.device(device)
-    chosen = inference_precision(precision, device)
+    decodes = hasattr(model, "language_model") or hasattr(model, "lm_head")
+    chosen = inference_precision(precision, device, decodes)
     if quantized_layers(model) and chosen != "int8":
         log.info("this checkpoint holds int8 weights; running it in int8")
         chosen = "int8"
