@@ -114,7 +114,7 @@ def caption(image: str, model: str, max_tokens: int = 64, temperature: float = 0
         top_p: nucleus sampling threshold.
         seed: sampling seed.
         heatmap: write a PNG of where each word looked in the image.
-        precision: auto (bf16 where the hardware has it, else fp32), fp32, bf16, or int8 (int8 LM weights: fastest decoding).
+        precision: auto (bf16 LM weights; bf16 arithmetic only where the hardware has it), fp32, bf16, or int8 (int8 LM weights).
     """
     from vlmkit.inference.api import load
 
@@ -140,7 +140,7 @@ def ask(image: list[str], question: str, model: str, max_tokens: int = 64, tempe
         top_p: nucleus sampling threshold.
         seed: sampling seed.
         heatmap: write a PNG of where each answer token looked in the image (one image only).
-        precision: auto (bf16 where the hardware has it, else fp32), fp32, bf16, or int8 (int8 LM weights: fastest decoding).
+        precision: auto (bf16 LM weights; bf16 arithmetic only where the hardware has it), fp32, bf16, or int8 (int8 LM weights).
     """
     from vlmkit.inference.api import load
 
@@ -166,7 +166,7 @@ def describe(folder: str, model: str, out: str = "alt.jsonl", format: Literal["j
         prompt: what to ask about each image.
         batch_size: images described together.
         max_tokens: the most tokens per description.
-        precision: auto (bf16 where the hardware has it, else fp32), fp32, bf16, or int8 (int8 LM weights: fastest decoding).
+        precision: auto (bf16 LM weights; bf16 arithmetic only where the hardware has it), fp32, bf16, or int8 (int8 LM weights).
     """
     from vlmkit.inference.api import load
     from vlmkit.inference.describe import describe_folder, read_records, write_page
@@ -191,7 +191,7 @@ def chat(model: str, image: list[str] | None = None, max_tokens: int = 256, temp
         temperature: 0 for greedy decoding; higher samples more freely.
         top_p: nucleus sampling threshold.
         seed: sampling seed.
-        precision: auto (bf16 where the hardware has it, else fp32), fp32, bf16, or int8 (int8 LM weights: fastest decoding).
+        precision: auto (bf16 LM weights; bf16 arithmetic only where the hardware has it), fp32, bf16, or int8 (int8 LM weights).
     """
     from vlmkit.inference.api import load
     from vlmkit.inference.chat_session import ChatSession
@@ -448,7 +448,7 @@ def serve(model: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
         max_batch: requests decoded together.
         max_queue: requests that may wait; beyond that the server answers 503.
         device: cpu, cuda, ... (default: cuda when available).
-        precision: auto (bf16 where the hardware has it, else fp32), fp32, bf16, or int8 (int8 LM weights: fastest decoding).
+        precision: auto (bf16 LM weights; bf16 arithmetic only where the hardware has it), fp32, bf16, or int8 (int8 LM weights).
     """
     import uvicorn
 
