@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Up to this many rows at once the int8 kernel wins; beyond it, dequantising does (measured
-# by benchmarks/speed.py on AVX2 and AVX512 CPUs: the kernel is a bandwidth saver, not a
-# faster multiplier).
+# Up to this many rows at once (decode steps, batches up to 16) the small-weight kernels are
+# used; beyond it (prompts), the weights are dequantised and multiplied in the activations'
+# dtype, where the arithmetic, not the reading, sets the time. Chosen on an AVX2 CPU.
 KERNEL_ROWS = 16
 
 
