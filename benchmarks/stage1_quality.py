@@ -32,7 +32,7 @@ def _train(name: str, cfg, out: Path) -> tuple[dict, float]:
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a benchmark always trains from scratch
     started = time.perf_counter()
-    run = train_clip(cfg, run_dir, resume=False, hooks=ClipHooks())
+    run = train_clip(cfg, run_dir, "overwrite", hooks=ClipHooks())
     return run.results, (time.perf_counter() - started) / 60
 
 

@@ -60,7 +60,7 @@ def _train(name: str, cfg, out: Path) -> tuple[dict, float]:
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a benchmark always trains from scratch
     started = time.perf_counter()
-    run = train_vlm(cfg, run_dir, resume=False, hooks=VlmHooks())
+    run = train_vlm(cfg, run_dir, "overwrite", hooks=VlmHooks())
     if run.status != "done":
         raise SystemExit(f"{name}: training was interrupted")
     return run.results, (time.perf_counter() - started) / 60

@@ -299,3 +299,38 @@ def test_text_replay_mixes_in_the_lms_own_answers(tmp_path, monkeypatch):
     assert [r["answer"] for r in saved] == [c.messages[1].content for c in added]
     with pytest.raises(ValueError, match="at most 400 distinct prompts"):
         replay_prompts(401)
+
+
+def test_a_tower_read_at_an_inner_layer_trains_only_what_that_layer_uses():
+    """The projector reads block -2's raw output: the last block and the final norm never run,
+    so nothing of theirs may be marked trainable (DDP stops on parameters without gradient)."""
+    from vlmkit.config import PhaseConfig, VLMConfig
+    from vlmkit.models.vlm import VisionLanguageModel
+
+    tiny = vlm_preset("tiny").model.to_dict()
+    model = VisionLanguageModel(VLMConfig.from_dict({**tiny, "vision": {**tiny["vision"], "depth": 3},
+                                                     "vision_layer": -2, "image_token_id": 5}))
+    instruct.set_trainable(model, PhaseConfig(vision="full"))
+    model.vision_tokens(torch.randn(2, 3, 48, 48)).sum().backward()
+    tower = dict(model.vision_tower.named_parameters())
+    trainable = {name for name, p in tower.items() if p.requires_grad}
+    assert trainable == {name for name, p in tower.items() if p.grad is not None}
+    assert not any(name.startswith(("norm.", "blocks.2.")) for name in trainable)
+    assert any(name.startswith("blocks.1.") for name in trainable)
+
+
+def test_micro_batches_weigh_every_answer_token_as_one_batch_does(tmp_path):
+    """Answers differ in length, so a mean of per-micro-batch means is not the batch's mean:
+    8 conversations in one batch or in two micro-batches of 4 must train the same weights."""
+    from safetensors.torch import load_file
+
+    short = {"data.train_size": 48, "data.eval_size": 4, "align.skip": True, "instruct.tasks": None,
+             "instruct.train.steps": 3, "instruct.train.log_every": 1}
+    runs = {}
+    for name, batch, accum in (("whole", 8, 1), ("split", 4, 2)):
+        cfg = vlm_preset("tiny").override({**short, "instruct.train.batch_size": batch,
+                                           "instruct.train.grad_accum": accum})
+        train_vlm(cfg, tmp_path / name, progress=False)
+        runs[name] = load_file(tmp_path / name / "model" / "model.safetensors")
+    for key, value in runs["whole"].items():
+        torch.testing.assert_close(runs["split"][key], value, rtol=1e-5, atol=1e-5, msg=key)

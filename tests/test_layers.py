@@ -20,11 +20,11 @@ LAYERS = [
     ("checkpoint", "convert"),                    # storage: our format and the others
     ("training", "inference"),                    # work: learning, and generating
     ("evaluation",),                              # measurement (and the hooks that attach it to training)
-    ("demo", "serving", "cli", "vlmkit"),         # applications
+    ("demo", "serving", "cli", "__main__", "vlmkit"),   # applications (`__main__`: `python -m vlmkit`)
 ]
 # Packages of one layer do not import each other, except these (importer, imported).
 SAME_LAYER = {("presets", "config"), ("convert", "checkpoint"), ("training", "inference"), ("cli", "demo"),
-              ("cli", "serving")}
+              ("cli", "serving"), ("__main__", "cli")}
 
 LAYER_OF = {package: i for i, layer in enumerate(LAYERS) for package in layer}
 

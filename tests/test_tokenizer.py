@@ -127,3 +127,27 @@ def test_errors(tmp_path: Path) -> None:
         tok.encode([], 8)
     with pytest.raises(ValueError, match="max_length"):
         tok.encode("a", 2)
+
+
+_TRAIN_IN_A_NEW_PROCESS = """
+import hashlib, sys
+from vlmkit.data.tokenizer import Tokenizer
+captions = sys.stdin.read().splitlines()
+for kind in ("wordpiece", "bpe"):
+    backend = Tokenizer.train(captions, kind=kind, vocab_size=120).backend
+    print(kind, hashlib.sha256(backend.to_str().encode()).hexdigest())
+"""
+
+
+def test_training_gives_the_same_tokenizer_in_every_process() -> None:
+    """Every torchrun rank, and a resumed run, must number the words alike. The WordPiece
+    trainer numbers its alphabet in hash order, which differs between processes, so the
+    check needs fresh processes: one process is always consistent with itself."""
+    import subprocess
+    import sys
+
+    words = "red blue green circle square triangle big small left right a the on of dark light".split()
+    captions = "\n".join(" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(6)) for i in range(300))
+    runs = {subprocess.run([sys.executable, "-c", _TRAIN_IN_A_NEW_PROCESS], input=captions, text=True,
+                           capture_output=True, check=True).stdout for _ in range(4)}
+    assert len(runs) == 1, runs

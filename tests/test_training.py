@@ -168,3 +168,36 @@ def test_bad_images_are_skipped_and_counted(tmp_path):
     assert len(data) == 30 and data.skipped == 2
     with pytest.raises(DataError, match=r"2 of 32 images .* could not be read .*max_bad_fraction"):
         prepare(build_source(str(folder)), ImageTransform(size=16), max_bad_fraction=0.05)
+
+
+def test_a_rerun_with_another_config_is_refused_unless_asked(tmp_path):
+    """Resuming with the old optimizer and schedule under a new run_config.json would lie: a
+    changed key is an error naming it, --resume accepts only keys safe to change, and
+    --overwrite starts again."""
+    from vlmkit.training.run import RunConfigChanged
+
+    small = {"train.steps": 4, "train.save_every": 2, "data.train_size": 128, "data.eval_size": 16,
+             "train.batch_size": 32}
+    cfg = preset("tiny").override(small)
+    contrastive.train_clip(cfg.override({"train.steps": 2}), tmp_path / "run")
+    saved = (tmp_path / "run" / "run_config.json").read_text()
+    with pytest.raises(RunConfigChanged, match=r"train\.lr: 0\.003 -> 0\.001.*--overwrite"):
+        contrastive.train_clip(cfg.override({"train.steps": 2, "train.lr": 1e-3}), tmp_path / "run")
+    with pytest.raises(RunConfigChanged, match=r"only \*\.steps"):
+        contrastive.train_clip(cfg.override({"train.lr": 1e-3}), tmp_path / "run", existing="resume")
+    assert (tmp_path / "run" / "run_config.json").read_text() == saved   # nothing was touched
+    with pytest.raises(RunConfigChanged, match=r"train\.steps: 2 -> 4.*--resume continues it"):
+        contrastive.train_clip(cfg, tmp_path / "run")
+
+    longer = contrastive.train_clip(cfg, tmp_path / "run", existing="resume")   # from step 2 on to 4
+    assert longer.status == "done"
+    assert [r["step"] for r in _records(tmp_path / "run") if "loss" in r] == [2, 4]   # each step once
+
+    again = contrastive.train_clip(cfg.override({"train.lr": 1e-3}), tmp_path / "run", existing="overwrite")
+    assert again.status == "done"
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["train"]["lr"] == 1e-3
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a vlmkit run folder; nothing was deleted"):
+        contrastive.train_clip(cfg, tmp_path / "elsewhere", existing="overwrite")
+    assert (tmp_path / "elsewhere" / "notes.txt").read_text() == "mine"

@@ -68,6 +68,29 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
 
 
+def recover_partial_writes(root: str | Path) -> None:
+    """Tidy what `atomic_dir` writes left when its process was killed (kill -9) part-way.
+
+    A hidden `.NAME.tmp-PID` is an unfinished new version: removed. A hidden `.NAME.old-PID`
+    is the previous version moved aside for a swap: put back if the kill came before the
+    new one took its place, otherwise removed. Call it only where no other process writes.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for old in root.rglob(".*.old-*"):
+        target = old.parent / old.name[1:].rsplit(".old-", 1)[0]
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, target)
+    for tmp in root.rglob(".*.tmp-*"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
 def save_checkpoint(
     path: str | Path,
     model: torch.nn.Module,

@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Callable, Literal
 
-from vlmkit.runtime import configure_logging, missing_dependency
+from vlmkit.runtime import configure_logging, main_process, missing_dependency
 
 log = logging.getLogger("vlmkit.cli")
 Precision = Literal["auto", "fp32", "bf16", "int8"]
@@ -48,7 +48,7 @@ def _parse_overrides(pairs: list[str]) -> dict:
 
 
 def train_clip(preset: str = "shapes", out: str = "runs/clip", config: str | None = None,
-               set: list[str] | None = None, resume: bool = True) -> None:
+               set: list[str] | None = None, resume: bool = False, overwrite: bool = False) -> None:
     """Train a CLIP-style dual encoder (Stage 1, contrastive alignment).
 
     Args:
@@ -56,7 +56,8 @@ def train_clip(preset: str = "shapes", out: str = "runs/clip", config: str | Non
         out: the run directory (checkpoints, metrics.jsonl, model/, report).
         config: a JSON run config to use instead of the preset.
         set: overrides as dotted key=value, e.g. train.steps=500 data.source=fashion_mnist.
-        resume: continue from the newest checkpoint in `out` if there is one.
+        resume: a run already in `out` resumes by itself when the config is the same; this lets it also take new train.steps, log_every, eval_every, save_every or keep_checkpoints.
+        overwrite: delete the run already in `out` and start again.
     """
     from vlmkit.config import ClipRunConfig
     from vlmkit.evaluation.hooks import ClipHooks
@@ -65,13 +66,15 @@ def train_clip(preset: str = "shapes", out: str = "runs/clip", config: str | Non
 
     cfg = ClipRunConfig.load(config) if config else get_preset(preset)
     cfg = cfg.override(_parse_overrides(set or []))
-    result = run(cfg, out, resume=resume, hooks=ClipHooks())
-    print(json.dumps({"status": result.status, "model": str(result.model_dir), **result.results}, indent=2))
+    result = run(cfg, out, _existing(resume, overwrite), hooks=ClipHooks())
+    if main_process():
+        print(json.dumps({"status": result.status, "model": str(result.model_dir), **result.results},
+                         indent=2))
 
 
 def train_vlm(preset: str = "shapes", out: str = "runs/vlm", vision_init: str | None = None,
               init: str | None = None, config: str | None = None, set: list[str] | None = None,
-              resume: bool = True) -> None:
+              resume: bool = False, overwrite: bool = False) -> None:
     """Train a generative VLM (Stage 2: projector + decoder LM, align then instruct phases).
 
     Args:
@@ -81,7 +84,8 @@ def train_vlm(preset: str = "shapes", out: str = "runs/vlm", vision_init: str | 
         init: a whole VLM to fine-tune (a vlmkit VLM checkpoint, or a Hugging Face LLaVA / SmolVLM directory).
         config: a JSON run config to use instead of the preset.
         set: overrides as dotted key=value, e.g. instruct.train.steps=500 lm_init=smollm2.
-        resume: continue from the newest checkpoint in `out` if there is one.
+        resume: a run already in `out` resumes by itself when the config is the same; this lets it also take new steps, log_every, eval_every, save_every or keep_checkpoints of a phase.
+        overwrite: delete the run already in `out` and start again.
     """
     from vlmkit.config import VlmRunConfig
     from vlmkit.evaluation.hooks import VlmHooks
@@ -94,8 +98,17 @@ def train_vlm(preset: str = "shapes", out: str = "runs/vlm", vision_init: str | 
         overrides["vision_init"] = vision_init
     if init:
         overrides["init"] = init
-    result = run(cfg.override(overrides), out, resume=resume, hooks=VlmHooks())
-    print(json.dumps({"status": result.status, "model": str(result.model_dir), **result.results}, indent=2))
+    result = run(cfg.override(overrides), out, _existing(resume, overwrite), hooks=VlmHooks())
+    if main_process():
+        print(json.dumps({"status": result.status, "model": str(result.model_dir), **result.results},
+                         indent=2))
+
+
+def _existing(resume: bool, overwrite: bool) -> str:
+    """The recipes' `existing` argument from the two flags."""
+    if resume and overwrite:
+        raise ValueError("--resume keeps the run in --out and --overwrite deletes it: choose one")
+    return "overwrite" if overwrite else "resume" if resume else "continue"
 
 
 def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int) -> dict:

@@ -21,10 +21,26 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All ranks' rows concatenated, and the offset of this rank's rows in them."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    import torch.distributed.nn.functional as dist_fn
+    return _AllGather.apply(x), dist.get_rank() * x.shape[0]
 
-    parts = dist_fn.all_gather(x)
-    return torch.cat(parts, dim=0), dist.get_rank() * x.shape[0]
+
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward hands each rank the gradient of its own rows, summed over ranks:
+    every rank's loss reads every rank's rows, and the gradient is the sum of those losses'.
+    (DDP then averages over ranks, which the mean in each rank's loss expects.)"""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        rows = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * rows: (dist.get_rank() + 1) * rows]
 
 
 def same_caption(caption_ids: torch.Tensor | None, offset: int) -> torch.Tensor | None:
@@ -81,9 +97,16 @@ def siglip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bi
     return loss / image.shape[0]
 
 
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over answer tokens: logits [n, V] already taken at `answer_positions(labels)`."""
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, denominator: float | None = None) -> torch.Tensor:
+    """Cross-entropy over answer tokens: logits [n, V] already taken at `answer_positions(labels)`.
+
+    The mean over this batch's answer tokens, or with `denominator` their sum divided by it:
+    a batch that is one share of a larger one (a micro-batch, one rank's part) then counts
+    each token as the whole batch's mean would, however the tokens fall between the shares.
+    """
     targets = labels[:, 1:][labels[:, 1:] != -100]
+    if denominator is not None:
+        return F.cross_entropy(logits.float(), targets, reduction="sum") / denominator
     if targets.numel() == 0:
         raise ValueError("the batch has no answer tokens to learn from (every label is -100)")
     return F.cross_entropy(logits.float(), targets)

@@ -19,6 +19,15 @@ EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "pycocoevalcap": "metrics", "g
           "sklearn": "data", "easy_vqa": "data", "huggingface_hub": "hub"}
 
 
+def main_process() -> bool:
+    """False in every torchrun process but rank 0: only rank 0 logs and draws progress bars.
+
+    Read from torchrun's RANK variable, so any layer can ask before (or without) the process
+    group being set up.
+    """
+    return os.environ.get("RANK", "0") == "0"
+
+
 def default_device():
     """The first CUDA device (this process's one under torchrun), else the CPU (a `torch.device`)."""
     import torch   # here, not at the top: `vlmkit --help` and config handling never need torch
@@ -86,6 +95,8 @@ def configure_logging(verbosity: int = 0) -> None:
     root logger (records still propagate to it), and calling this again just changes the level.
     """
     logger = logging.getLogger(LOGGER)
+    if not main_process():   # under torchrun the other ranks only speak up about problems
+        verbosity = -1
     logger.setLevel({-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG))
     if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
         handler = _TqdmHandler()

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from vlmkit.data.images import ImageDecodeError, ImageTransform
 from vlmkit.data.sources.base import Source
+from vlmkit.runtime import main_process
 
 
 class DataError(ValueError):
@@ -139,7 +140,8 @@ def prepare(
                         collate_fn=_collate, generator=torch.Generator().manual_seed(0))
     images, captions, labels, kept, errors, views, grids = [], [], [], [], [], [], []
     n_views = 0
-    with tqdm(total=count, desc=desc, unit="img", leave=False, mininterval=0.1 if sys.stderr.isatty() else 30) as bar:
+    with tqdm(total=count, desc=desc, unit="img", leave=False, disable=not main_process(),
+              mininterval=0.1 if sys.stderr.isatty() else 30) as bar:
         for batch in loader:
             for item, error in batch:
                 if item is None:

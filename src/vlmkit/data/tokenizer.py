@@ -68,7 +68,7 @@ class Tokenizer:
             backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
             backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
             backend.decoder = decoders.WordPiece()
-            trainer = trainers.WordPieceTrainer(**options)
+            backend.model = _train_wordpiece(backend, corpus, options, unk)
         elif kind == "bpe":
             backend = HFTokenizer(models.BPE(unk_token=unk))
             steps = [normalizers.NFC()] + ([normalizers.Lowercase()] if lowercase else [])
@@ -78,9 +78,9 @@ class Tokenizer:
             backend.decoder = decoders.ByteLevel()
             # The full byte alphabet means no input ever maps to [UNK].
             trainer = trainers.BpeTrainer(initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), **options)
+            backend.train_from_iterator(corpus, trainer=trainer)
         else:
             raise ValueError(f"unknown tokenizer kind {kind!r}; expected 'wordpiece' or 'bpe'")
-        backend.train_from_iterator(corpus, trainer=trainer)
         backend.post_processor = _bert_template(backend, DEFAULT_SPECIAL_TOKENS)
         return cls(backend, lowercase=lowercase)
 
@@ -214,6 +214,39 @@ def _start_end_as_cls_sep(named: dict[str, str]) -> dict[str, str]:
     if "cls_token" not in out and (start or end):
         out["cls_token"] = start or end
     return out
+
+
+def _train_wordpiece(backend: HFTokenizer, corpus: list[str], options: dict, unk: str) -> models.WordPiece:
+    """A WordPiece vocabulary learnt as the `tokenizers` WordPiece trainer does, but the same in every process.
+
+    That trainer is BPE over words whose inner characters carry a "##" prefix, and it numbers
+    those "##" characters in hash-map order, which changes from process to process; merges
+    of equal count are then ordered by those numbers, so two runs on the same captions gave
+    different vocabularies. Here every inner character is first replaced by a character of
+    its own from Unicode's private-use plane, so plain BPE sees one sorted alphabet and
+    breaks every tie the same way; the learnt pieces are then spelled back ("##" for a piece
+    from inside a word). Characters already in that plane are left out of training (they
+    encode as [UNK]).
+    """
+    words = [[w for w, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text))]
+             for text in corpus]
+    alphabet = sorted({c for line in words for w in line for c in w if ord(c) < _INNER})
+    inner = {c: chr(_INNER + i) for i, c in enumerate(alphabet)}
+    spelled = {v: k for k, v in inner.items()}
+    marked = [" ".join(w[0] + "".join(inner[c] for c in w[1:]) for w in line
+                       if all(ord(c) < _INNER for c in w)) for line in words]
+    bpe = HFTokenizer(models.BPE(unk_token=unk))
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # Every character also as a word's start, as the WordPiece trainer keeps it: a word may
+    # start with a letter no training word started with, and must not become [UNK].
+    bpe.train_from_iterator(marked, trainers.BpeTrainer(initial_alphabet=alphabet, **options))
+    vocab = bpe.get_vocab()
+    pieces = {("##" if piece[0] in spelled else "") + "".join(spelled.get(c, c) for c in piece): i
+              for piece, i in vocab.items()}
+    return models.WordPiece(pieces, unk_token=unk)
+
+
+_INNER = 0xF0000   # Unicode's supplementary private-use plane A: 65,534 code points no text should use
 
 
 def _bert_template(backend: HFTokenizer, specials: dict[str, str]) -> processors.TemplateProcessing:

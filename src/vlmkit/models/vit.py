@@ -66,6 +66,13 @@ class VisionTransformer(nn.Module):
         return self.norm(x) if layer is None else x
 
 
+    def unused_after(self, layer: int | None) -> list[nn.Module]:
+        """The parts a forward to block `layer` never runs: later blocks and the final norm."""
+        if layer is None:
+            return []
+        return [*self.blocks[range(len(self.blocks))[layer] + 1:], self.norm]
+
+
 def sincos_2d(grid: int, width: int, prefix: int = 0) -> torch.Tensor:
     """[1, prefix + grid*grid, width]: half the channels encode the row, half the column."""
     quarter = width // 4

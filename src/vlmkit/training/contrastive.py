@@ -29,10 +29,11 @@ from vlmkit.training.trainer import Trainer
 log = logging.getLogger(__name__)
 
 
-def train_clip(cfg: ClipRunConfig, out_dir: str | Path, resume: bool = True,
+def train_clip(cfg: ClipRunConfig, out_dir: str | Path, existing: str = "continue",
                hooks: RunHooks | None = None) -> RunResult:
+    """Train to cfg.train.steps in `out_dir`; a run already there resumes (see run.start_run's `existing`)."""
     out_dir = Path(out_dir)
-    device = start_run(cfg.train.seed)
+    device = start_run(cfg.train.seed, out_dir, existing)
     transform = ImageTransform.for_data(cfg.data, cfg.model.vision.image_size)
 
     # ---- data
@@ -56,7 +57,7 @@ def train_clip(cfg: ClipRunConfig, out_dir: str | Path, resume: bool = True,
         text_cfg, text_state, tokenizer = load_bert(cfg.train.text_init, cfg.model.text.max_length)
         model_cfg = model_cfg.replace(text=text_cfg.to_dict())
     else:
-        tokenizer = run_tokenizer(out_dir, resume, lambda: Tokenizer.train(
+        tokenizer = run_tokenizer(out_dir, lambda: Tokenizer.train(
             train.captions, kind="wordpiece", vocab_size=model_cfg.text.vocab_size), Tokenizer.from_pretrained)
         model_cfg = model_cfg.replace(text={**model_cfg.text.to_dict(), "vocab_size": tokenizer.vocab_size})
     model = DualEncoder(model_cfg)
@@ -117,9 +118,8 @@ def train_clip(cfg: ClipRunConfig, out_dir: str | Path, resume: bool = True,
     save = checkpoint_saver(model, "dual_encoder", model_cfg.to_dict(), tokenizer, transform, run_config)
     eval_fn = (lambda net: hooks.evaluate(trained)) if hooks is not None else None
     trainer = Trainer(model, cfg.train, out_dir, batch_fn, loss_fn, save, eval_fn, device)
-    write_run_config(out_dir, run_config)
-    if resume:
-        trainer.resume()
+    write_run_config(out_dir, run_config, existing)
+    trainer.resume()
     if trainer.fit() != "done":
         return RunResult(out_dir / "model", {}, "interrupted")
     return finish_run(trained, hooks, save, trainer.metrics_path, evaluate=trainer.evaluate)

@@ -36,6 +36,28 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on one: a signal reaches the ranks at different steps,
+    and all of them must stop after the same one."""
+    if world_size() == 1:
+        return flag
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each figure averaged over the ranks (unchanged in a single process)."""
+    if world_size() == 1 or not values:
+        return values
+    keys = sorted(values)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"   # NCCL reduces GPU tensors only
+    stacked = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(stacked)
+    return {k: float(v) / world_size() for k, v in zip(keys, stacked)}
+
+
 def wrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """DDP-wrap when running on several processes; the bare model otherwise."""
     if world_size() == 1:

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vlmkit.checkpoint import load_weights, read_config, read_vision_tower
+from vlmkit.checkpoint import latest_checkpoint, load_weights, read_config, read_vision_tower
 from vlmkit.config import DecoderConfig, PhaseConfig, VlmDataConfig, VlmRunConfig, VLMConfig
-from vlmkit.data.chat import Encoded, PromptTooLong, collate, encode_conversation
+from vlmkit.data.chat import IGNORE, Encoded, PromptTooLong, collate, encode_conversation
 from vlmkit.data.conversation import Conversation, Message
 from vlmkit.data.image_prompt import MAX_GRID, ImagePrompt, tile_markers
 from vlmkit.data.images import ImageTransform
@@ -63,6 +63,10 @@ def set_trainable(model: VisionLanguageModel, phase: PhaseConfig) -> None:
         model.multi_modal_projector.requires_grad_(True)
     if phase.vision == "full":
         model.vision_tower.requires_grad_(True)
+        # Blocks past the layer the projector reads (and the final norm) never run: they would
+        # get no gradient, which DDP takes for an error and AdamW would leave untouched anyway.
+        for part in model.vision_tower.unused_after(model.cfg.vision_layer):
+            part.requires_grad_(False)
     if phase.language_model == "full":
         model.language_model.requires_grad_(True)
     elif phase.language_model == "lora":
@@ -78,10 +82,11 @@ def optimizer_groups(model: VisionLanguageModel, phase: PhaseConfig) -> list[dic
     return [g for g in groups + vision if g["params"]]
 
 
-def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progress: bool = True,
+def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, existing: str = "continue", progress: bool = True,
               hooks: RunHooks | None = None) -> RunResult:
+    """Both phases in `out_dir`; a run already there resumes (see run.start_run's `existing`)."""
     out_dir = Path(out_dir)
-    device = start_run(cfg.align.train.seed)
+    device = start_run(cfg.align.train.seed, out_dir, existing)
     data_cfg = cfg.data
     if cfg.init:   # a whole VLM: eyes, brain, tokenizer and preprocessing as they are
         if cfg.vision_init or cfg.lm_init or data_cfg.split_longest_edge:
@@ -96,7 +101,7 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
     else:
         model_cfg, data_cfg, transform, vision_state = _eyes(cfg)
         train_set = _training_set(data_cfg, transform)
-        model_cfg, tokenizer, lm_state = _brain(cfg, model_cfg, train_set, out_dir, resume)
+        model_cfg, tokenizer, lm_state = _brain(cfg, model_cfg, train_set, out_dir)
         model = VisionLanguageModel(model_cfg)
         if vision_state is not None:
             model.vision_tower.load_state_dict(vision_state)
@@ -116,17 +121,19 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
     max_length = min(data_cfg.max_length, decoder_cfg.max_positions)
     prompt = ImagePrompt(tokenizer, model_cfg.image_prompt, model_cfg.image_tokens, model_cfg.image_token)
     encoded, too_long = encode_all(train_set, tokenizer, prompt, max_length)
+    answers = [0 if e is None else sum(label != IGNORE for label in e.labels[1:]) for e in encoded]
     if too_long:
         log.warning(f"{too_long} training conversations skipped: longer than data.max_length={max_length} tokens")
     run_config = {**cfg.to_dict(), "model": model_cfg.to_dict(), "data": data_cfg.to_dict()}
-    write_run_config(out_dir, run_config)
+    write_run_config(out_dir, run_config, existing)
     trained = TrainedModel(model, tokenizer, transform, VlmRunConfig.from_dict(run_config, "run config"), out_dir,
                            device, progress)
     save = checkpoint_saver(model, "vlm", model_cfg.to_dict(), tokenizer, transform, run_config)
     eval_fn = (lambda net: hooks.evaluate(trained)) if hooks is not None else None
 
-    started = resume and any((out_dir / n / "checkpoints").is_dir() or (out_dir / n / "model").is_dir()
-                             for n in ("align", "instruct"))
+    # A complete checkpoint holds the calibrated projector; a folder alone may be a killed first save.
+    started = any(latest_checkpoint(out_dir / n / "checkpoints") is not None or _finished(out_dir / n)
+                  for n in ("align", "instruct"))
     if not (started or cfg.init):   # a published model's projector is trained already
         _calibrate_projector(model, train_set, device)
 
@@ -136,7 +143,7 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
         phase_dir = out_dir / name
         if phase.skip:
             continue
-        if resume and (phase_dir / "model" / "model.safetensors").is_file():
+        if _finished(phase_dir):
             lora = read_config(phase_dir / "model").get("lora")
             if lora:   # it kept its adapters unmerged
                 restore_lora(model, lora)
@@ -156,12 +163,19 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
         # A phase with fewer conversations than a batch (a small LLaVA file) trains on all of them each step.
         plan = BatchPlan(len(rows), min(phase.train.batch_size, len(rows)), phase.train.grad_accum, phase.train.seed)
 
-        def batch_fn(step: int, micro: int, rows=rows, plan=plan, cached=cached):
+        def batch_fn(step: int, micro: int, rows=rows, plan=plan, cached=cached, accum=phase.train.grad_accum):
             chosen = [rows[i] for i in plan(step, micro).tolist()]
             batch = collate([encoded[i] for i in chosen], tokenizer.pad_id)
+            # The loss is the mean over every answer token of the whole step, all micro-batches
+            # and ranks together, as one process on the whole batch computes it. The Trainer
+            # averages micro-batches and DDP averages ranks: each share is scaled back up for that.
+            step_answers = sum(answers[rows[i]] for m in range(accum) for i in plan.global_rows(step, m))
+            if not step_answers:
+                raise DataError(f"phase {name!r}, step {step}: no answer tokens in the batch to learn from")
+            batch["denominator"] = step_answers / (accum * distributed.world_size())
             images = [r for i in chosen for r in train_set.conversations[i].images]
             views = torch.tensor(train_set.images.view_rows(images), dtype=torch.long)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             if cached is not None:
                 batch["vision_tokens"] = cached[views].to(device)
             else:
@@ -172,14 +186,13 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
             where = answer_positions(batch["labels"])
             logits = net(batch["ids"], pixels=batch.get("pixels"), vision_tokens=batch.get("vision_tokens"),
                          positions=batch["positions"], logits_at=where)
-            return answer_loss(logits, batch["labels"]), {"answer_tokens": float(where.sum())}
+            return answer_loss(logits, batch["labels"], batch["denominator"]), {"answer_tokens": float(where.sum())}
 
         trainer = Trainer(model, phase.train, phase_dir, batch_fn, loss_fn, save, eval_fn, device,
                           groups=optimizer_groups(model, phase))
         trainer.log(f"phase {name}: {len(rows)} conversations per epoch, "
                     f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
-        if resume:
-            trainer.resume()
+        trainer.resume()
         if trainer.fit() != "done":
             return RunResult(out_dir / "model", {}, "interrupted")
         if phase.merge_lora:
@@ -188,6 +201,11 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, resume: bool = True, progr
             save(phase_dir / "model")
 
     return finish_run(trained, hooks, save)
+
+
+def _finished(phase_dir: Path) -> bool:
+    """A phase whose final model was saved (written atomically: present means complete)."""
+    return (phase_dir / "model" / "model.safetensors").is_file()
 
 
 def _eyes(cfg: VlmRunConfig) -> tuple[VLMConfig, VlmDataConfig, ImageTransform, dict | None]:
@@ -220,8 +238,8 @@ def _training_set(data_cfg: VlmDataConfig, transform: ImageTransform) -> Convers
     return train_set
 
 
-def _brain(cfg: VlmRunConfig, model_cfg: VLMConfig, train_set: ConversationSet, out_dir: Path,
-           resume: bool) -> tuple[VLMConfig, LMTokenizer, dict | None]:
+def _brain(cfg: VlmRunConfig, model_cfg: VLMConfig, train_set: ConversationSet,
+           out_dir: Path) -> tuple[VLMConfig, LMTokenizer, dict | None]:
     """A pretrained LM (its tokenizer comes with it) or a small one from scratch."""
     lm_state = None
     if cfg.lm_init:
@@ -235,7 +253,7 @@ def _brain(cfg: VlmRunConfig, model_cfg: VLMConfig, train_set: ConversationSet, 
             decoder_cfg, lm_state = grow_vocabulary(decoder_cfg, lm_state, tokenizer.vocab_size)
     else:
         markers = tile_markers() if model_cfg.image_prompt == "idefics3" else ()
-        tokenizer = run_tokenizer(out_dir, resume, lambda: LMTokenizer.train(
+        tokenizer = run_tokenizer(out_dir, lambda: LMTokenizer.train(
             [render_chatml(c.messages) for c in train_set.conversations], vocab_size=cfg.tokenizer_vocab,
             extra_tokens=markers), LMTokenizer.from_pretrained)
         decoder_cfg = model_cfg.decoder.replace(vocab_size=tokenizer.vocab_size)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from vlmkit.checkpoint import atomic_dir, save_checkpoint
+from vlmkit.checkpoint import atomic_dir, recover_partial_writes, save_checkpoint
 from vlmkit.data.images import ImageTransform
 from vlmkit.runtime import default_device
 from vlmkit.training import distributed
@@ -61,23 +62,50 @@ class RunHooks:
         return results
 
 
-def start_run(seed: int) -> torch.device:
-    """Join the torchrun group if there is one, seed, and pick this process's device."""
+# What a rerun may change with `existing="resume"` (the CLI's --resume): how long to train
+# and how often to log, evaluate and save. Anything else would make the resumed run a
+# different run from the one its checkpoints come from.
+SAFE_ON_RESUME = ("steps", "log_every", "eval_every", "save_every", "keep_checkpoints")
+EXISTING = ("continue", "resume", "overwrite")
+
+
+class RunConfigChanged(ValueError):
+    """A rerun into an existing run folder asked for a different config."""
+
+
+def start_run(seed: int, out_dir: Path, existing: str = "continue") -> torch.device:
+    """Join the torchrun group if there is one, get OUT ready, seed, and pick this process's device.
+
+    existing: what to do with a run already in `out_dir`. "continue" resumes it if the config
+    is the same (a different one is an error, see `write_run_config`); "resume" also accepts
+    changes to SAFE_ON_RESUME keys; "overwrite" deletes it and starts again.
+    """
+    if existing not in EXISTING:
+        raise ValueError(f"existing={existing!r}: choose one of {', '.join(EXISTING)}")
     distributed.init_distributed()
+    if distributed.is_main():
+        if existing == "overwrite" and out_dir.is_dir() and any(out_dir.iterdir()):
+            if not (out_dir / "run_config.json").is_file():
+                raise ValueError(f"--overwrite: {out_dir} has files but no run_config.json, so it is not a vlmkit "
+                                 f"run folder; nothing was deleted")
+            shutil.rmtree(out_dir)
+            log.info(f"deleted the earlier run in {out_dir}")
+        recover_partial_writes(out_dir)   # no other process writes here yet
+    distributed.barrier()
     torch.manual_seed(seed)
     return default_device()
 
 
-def run_tokenizer(out_dir: Path, resume: bool, train: Callable[[], Any], load: Callable[[Path], Any]):
+def run_tokenizer(out_dir: Path, train: Callable[[], Any], load: Callable[[Path], Any]):
     """The run's own tokenizer, trained once and kept in `OUT/tokenizer/`.
 
-    Training one again is not the same tokenizer: the `tokenizers` trainers break ties in hash
-    order, which changes from process to process. So a resumed run (a new process) and every
-    torchrun rank read the vocabulary the main process trained at the start.
+    Training is deterministic, but one vocabulary is also one file: a resumed run and every
+    torchrun rank read the one the main process trained at the start, so no change to the
+    data or the library between runs can give a run two vocabularies.
     """
     saved = out_dir / "tokenizer"
     fresh = None
-    if distributed.is_main() and not (resume and (saved / "tokenizer.json").is_file()):
+    if distributed.is_main() and not (saved / "tokenizer.json").is_file():
         fresh = train()
         with atomic_dir(saved) as tmp:
             fresh.save(tmp)
@@ -85,11 +113,43 @@ def run_tokenizer(out_dir: Path, resume: bool, train: Callable[[], Any], load: C
     return fresh if fresh is not None else load(saved)
 
 
-def write_run_config(out_dir: Path, run_config: dict) -> None:
-    """`OUT/run_config.json`: the whole resolved config, so `--config` repeats the run."""
+def write_run_config(out_dir: Path, run_config: dict, existing: str = "continue") -> None:
+    """`OUT/run_config.json`: the whole resolved config, so `--config` repeats the run.
+
+    A run already in `out_dir` must have asked for the same config, or it would resume the old
+    run (its weights, optimizer and learning-rate schedule) under a file that says otherwise:
+    a difference is a RunConfigChanged naming the keys, unless every differing key is one
+    of SAFE_ON_RESUME and `existing` is "resume".
+    """
+    saved_file = out_dir / "run_config.json"
+    if saved_file.is_file():
+        # Compared as JSON has them (a tuple is a list there).
+        changed = config_changes(json.loads(saved_file.read_text()), json.loads(json.dumps(run_config)))
+        unsafe = [key for key in changed if key.rsplit(".", 1)[-1] not in SAFE_ON_RESUME]
+        if changed and (existing != "resume" or unsafe):
+            what = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+            fix = ("--resume continues it with the new values" if not unsafe else
+                   f"only {', '.join(f'*.{k}' for k in SAFE_ON_RESUME)} may change in a resumed run")
+            raise RunConfigChanged(f"{out_dir} holds a run with another config ({what}). Use another --out, or "
+                                   f"--overwrite to delete that run and start again; {fix}")
+        if changed:
+            log.info(f"resuming with changed {', '.join(changed)}")
+    distributed.barrier()   # every rank has read the old file before rank 0 replaces it
     if distributed.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (old value, new value) for every leaf that differs."""
+    changes = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.update(config_changes(a, b, f"{prefix}{key}."))
+        elif a != b:
+            changes[f"{prefix}{key}"] = (a, b)
+    return changes
 
 
 def checkpoint_saver(model: torch.nn.Module, kind: str, model_config: dict, tokenizer, transform: ImageTransform,

@@ -89,12 +89,15 @@ class Trainer:
         }
 
     def resume(self) -> bool:
-        """Continue from the newest complete checkpoint under out_dir, if any."""
+        """Continue from the newest complete checkpoint under out_dir, if any.
+
+        Without one, the run starts at step 0, and log lines an earlier, killed attempt wrote
+        before its first checkpoint are dropped, so no step is logged twice.
+        """
         last = latest_checkpoint(self.checkpoint_dir)
-        if last is None:
-            return False
-        state = load_trainer_state(last)
+        state = load_trainer_state(last) if last is not None else None
         if state is None:
+            self._truncate_metrics(0)
             return False
         load_weights(self.model, last)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -140,6 +143,7 @@ class Trainer:
         self.log(f"signal {signum}: saving a checkpoint after this step")
 
     def evaluate(self) -> dict[str, float]:
+        """Rank 0 measures; the other ranks get {}."""
         if self.eval_fn is None or not distributed.is_main():
             return {}
         self.model.eval()
@@ -180,7 +184,8 @@ class Trainer:
                                  "steps_per_s": seen / max(elapsed, 1e-9), **logs})
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     self.log(f"step {self.step}: {format_metrics(self.evaluate())}")
-                if self.stop_requested:
+                    distributed.barrier()   # the other ranks wait for rank 0 rather than run ahead
+                if distributed.any_rank(self.stop_requested):
                     self.save()
                     return "interrupted"
                 if self.step % cfg.save_every == 0 and self.step < cfg.steps:
@@ -193,17 +198,28 @@ class Trainer:
         return "done"
 
     def train_step(self) -> dict[str, float]:
+        """One optimizer step over cfg.grad_accum micro-batches on every rank.
+
+        The gradient is the mean of the micro-batch losses' gradients over micro-batches and
+        ranks (DDP averages over ranks), so a recipe whose loss is a mean over a global
+        quantity scales each micro-batch's share to suit (see instruct.py's answer loss).
+        """
         cfg = self.cfg
         totals: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             batch = self.batch_fn(self.step, micro)
-            with self.autocast():
-                loss, logs = self.loss_fn(self.wrapped, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {self.step}; lower train.lr?")
-            (loss / cfg.grad_accum).backward()
+            last = micro == cfg.grad_accum - 1
+            # Gradients are exchanged between ranks once per step, after the last micro-batch.
+            sync = nullcontext() if last or self.wrapped is self.model else self.wrapped.no_sync()
+            with sync:
+                with self.autocast():
+                    loss, logs = self.loss_fn(self.wrapped, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} at step {self.step}; lower train.lr?")
+                (loss / cfg.grad_accum).backward()
             for k, v in {"loss": loss.item(), **logs}.items():
                 totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
+        totals = distributed.mean_over_ranks(totals)   # what is logged is the whole step's, not rank 0's share
         if cfg.clip_grad > 0:
             totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad))
         self.optimizer.step()
