@@ -72,6 +72,29 @@ def train_clip(preset: str = "shapes", out: str = "runs/clip", config: str | Non
                          indent=2))
 
 
+def data_pack(source: str, out: str, shard_size: int = 1000, split: str = "train", limit: int | None = None,
+              set: list[str] | None = None) -> None:
+    """Write image-caption pairs as webdataset tar shards, to train on with data.shards=OUT.
+
+    Args:
+        source: a built-in source (shapes, fashion_mnist, digits, ...) or a .jsonl/.csv captions file or a folder holding one.
+        out: a new folder for the shards, captions.jsonl and index.json.
+        shard_size: samples per shard; keep at least (processes x data.workers) shards.
+        split: the split of a built-in source to pack.
+        limit: pack at most this many pairs (the generated `shapes` world makes this many).
+        set: the source's own options as key=value, e.g. image_size=64.
+    """
+    from vlmkit.data.shards import pack
+    from vlmkit.data.sources import build_source
+
+    options = _parse_overrides(set or [])
+    if source == "shapes" and limit is not None:
+        options.setdefault("size", limit)
+    index = pack(build_source(source, split, **options), out, shard_size, limit)
+    print(json.dumps({"status": "packed", "out": out, "samples": index["samples"], "shards": len(index["shards"]),
+                      "skipped": index["skipped"]}, indent=2))
+
+
 def train_vlm(preset: str = "shapes", out: str = "runs/vlm", vision_init: str | None = None,
               init: str | None = None, config: str | None = None, set: list[str] | None = None,
               resume: bool = False, overwrite: bool = False) -> None:
@@ -447,17 +470,25 @@ def demo(out: str = "runs/demo", steps: int | None = None, vlm_steps: int | None
 
 
 def serve(model: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          allow_remote_images: bool = False, max_tokens: int = 1024, max_batch: int = 16, max_queue: int = 64,
+          allow_remote_images: bool = False, allowed_media_domains: list[str] | None = None,
+          media_path: str | None = None, max_tokens: int = 1024, max_n: int = 8, max_images: int = 8,
+          max_body_mb: float = 32.0, max_image_mb: float = 16.0, max_batch: int = 16, max_queue: int = 64,
           device: str | None = None, precision: Precision = "auto") -> None:
-    """Serve models over an OpenAI-compatible API, with a web chat page at /.
+    """Serve models over an OpenAI-compatible API, with a web chat page at / and Prometheus metrics at /metrics.
 
     Args:
         model: one or more checkpoint directories (Stage 2 models chat; Stage 1 models embed).
         host: the address to bind; loopback by default, so nothing outside this machine can connect.
         port: the TCP port.
         api_key: when set, every /v1 request needs the header Authorization: Bearer KEY.
-        allow_remote_images: let requests name http(s) image URLs that the server fetches (off: data: URLs only).
+        allow_remote_images: let requests name http(s) image URLs that the server fetches (off: data: URLs only); only public addresses, at most 3 redirects, 10 s and --max-image-mb.
+        allowed_media_domains: fetch remote images only from these hosts (and their subdomains), private addresses included.
+        media_path: let requests name file:// image URLs under this folder.
         max_tokens: the largest max_tokens a request may ask for.
+        max_n: the largest n (choices) a request may ask for.
+        max_images: images per request.
+        max_body_mb: the largest request body, in MB (413 beyond).
+        max_image_mb: the largest image file, in MB (413 beyond).
         max_batch: requests decoded together.
         max_queue: requests that may wait; beyond that the server answers 503.
         device: cpu, cuda, ... (default: cuda when available).
@@ -469,7 +500,10 @@ def serve(model: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning(f"serving on {host} without --api-key; anyone who can reach it can use it")
-    settings = ServeSettings(api_key=api_key, allow_remote_images=allow_remote_images, max_tokens=max_tokens,
+    settings = ServeSettings(api_key=api_key, allow_remote_images=allow_remote_images or bool(allowed_media_domains),
+                             allowed_media_domains=tuple(allowed_media_domains or ()), media_path=media_path,
+                             max_tokens=max_tokens, max_n=max_n, max_images=max_images,
+                             max_body_bytes=int(max_body_mb * 2**20), max_image_bytes=int(max_image_mb * 2**20),
                              max_batch=max_batch, max_queue=max_queue)
     models = load_models(model, device, precision)
     log.info(f"serving {', '.join(models)} on http://{host}:{port}/ (OpenAI API under /v1)")
@@ -512,6 +546,7 @@ def merge(source: str, out: str) -> None:
 COMMANDS: dict[str, Callable | dict[str, Callable]] = {
     "presets": presets,
     "train": {"clip": train_clip, "vlm": train_vlm},
+    "data": {"pack": data_pack},
     "eval": {"clip": evaluate, "vqa": eval_vqa, "caption": eval_caption, "pope": eval_pope,
              "grounding": eval_grounding},
     "caption": caption,

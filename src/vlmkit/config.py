@@ -259,10 +259,16 @@ class DataConfig(ImageDataConfig):
     eval_size: int = 1000
     source_options: dict = field(default_factory=dict)  # extra keyword arguments for the source
     keep_classes: list[str] | None = None  # train only on these classes (held-out-class tests)
+    # Stream the training pairs from webdataset shards (a folder `vlmkit data pack` wrote)
+    # instead of decoding `source` into memory; `source` still gives the evaluation split.
+    shards: str | None = None
+    workers: int = 1                       # shard reader processes per training process (0: in it)
+    shuffle_buffer: int = 1000             # samples each shard reader shuffles among
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.eval_size > 0, "data.eval_size must be positive")
+        _require(self.workers >= 0 and self.shuffle_buffer > 0, "data.workers must be >= 0, data.shuffle_buffer > 0")
 
 
 @dataclass
@@ -286,6 +292,9 @@ class TrainConfig(Config):
     eval_every: int = 0             # 0: evaluate at the end only
     save_every: int = 200
     keep_checkpoints: int = 2
+    # Under torchrun: "ddp" copies the whole model to every process; "fsdp" shards weights,
+    # gradients and optimizer state across them (FSDP2). One process ignores it.
+    distributed: Literal["ddp", "fsdp"] = "ddp"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "save_every", "keep_checkpoints"):

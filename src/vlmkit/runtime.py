@@ -15,8 +15,8 @@ import sys
 VERSION = "0.2.0"   # pyproject.toml reads it from here
 LOGGER = "vlmkit"
 # Optional dependencies by import name -> the pyproject extra that installs them.
-EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "pycocoevalcap": "metrics", "gguf": "gguf",
-          "sklearn": "data", "easy_vqa": "data", "huggingface_hub": "hub"}
+EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "pycocoevalcap": "metrics", "gguf": "gguf",
+          "sklearn": "data", "easy_vqa": "data", "webdataset": "data", "huggingface_hub": "hub"}
 
 
 def main_process() -> bool:

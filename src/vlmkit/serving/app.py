@@ -14,16 +14,15 @@ import secrets
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -32,6 +31,8 @@ from vlmkit.inference.api import load
 from vlmkit.inference.assistant import Request
 from vlmkit.runtime import VERSION
 from vlmkit.serving.batcher import BadRequest, Batcher, QueueFull
+from vlmkit.serving.media import MediaError, MediaPolicy, fetch
+from vlmkit.serving.metrics import RequestLog, ServerMetrics
 from vlmkit.serving.schemas import ChatMessage, ChatRequest, EmbeddingRequest, ExplainRequest
 
 log = logging.getLogger("vlmkit.serving")
@@ -41,7 +42,11 @@ WEB = Path(__file__).parent / "web"
 @dataclass
 class ServeSettings:
     api_key: str | None = None
-    allow_remote_images: bool = False
+    allow_remote_images: bool = False      # http(s) image URLs, fetched under serving/media.py's rules
+    allowed_media_domains: tuple[str, ...] = ()   # when set: the only hosts fetched, private ones included
+    media_path: str | None = None          # when set: file:// image URLs under this folder
+    fetch_timeout_s: float = 10.0          # one remote image, redirects included
+    max_redirects: int = 3
     max_body_bytes: int = 32 * 2**20       # a whole request
     max_image_bytes: int = 16 * 2**20      # one decoded image file
     max_image_pixels: int = 40_000_000     # width x height, checked on the header before decoding
@@ -74,7 +79,12 @@ def _error(status: int, message: str, **kw) -> JSONResponse:
 
 # ----------------------------------------------------------------------------- body size
 class BodyLimit:
-    """ASGI middleware: refuse bodies over `limit` bytes (413) before they are read whole."""
+    """ASGI middleware: refuse bodies over `limit` bytes (413) before they are read whole.
+
+    A declared Content-Length is checked at once. A chunked body is read here, counted, and
+    handed on only when it is complete and within the limit: raised from inside the
+    framework's own body parsing, the limit would come out as a 400 "error parsing the body".
+    """
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -86,20 +96,28 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await _error(413, f"request body of {int(declared)} bytes exceeds the limit of {self.limit}",
                                 code="body_too_large")(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+        chunks, seen = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] != "http.request":   # the client left before sending it all
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
             if seen > self.limit:
-                raise APIError(413, f"request body exceeds the limit of {self.limit} bytes", code="body_too_large")
-            return message
+                return await _error(413, f"request body exceeds the limit of {self.limit} bytes",
+                                    code="body_too_large")(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body, handed = b"".join(chunks), False
 
-        try:
-            await self.app(scope, counted, send)
-        except APIError as e:  # raised while a handler was reading a chunked body
-            await e.response()(scope, receive, send)
+        async def replay():
+            nonlocal handed
+            if handed:   # after the body: what the client does next (a disconnect ends a stream)
+                return await receive()
+            handed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 # ----------------------------------------------------------------------------- images
@@ -117,11 +135,15 @@ def decode_image_url(url: str, settings: ServeSettings):
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise APIError(400, "image data URL is not valid base64", param="image_url") from None
-    elif url.startswith(("http://", "https://")):
-        if not settings.allow_remote_images:
-            raise APIError(400, "remote image URLs are disabled on this server (start it with "
-                                "--allow-remote-images); send the image as a data: URL", param="image_url")
-        data = _fetch(url, settings.max_image_bytes)
+    elif url.startswith(("http://", "https://", "file://")):
+        policy = MediaPolicy(settings.max_image_bytes, settings.allow_remote_images, settings.fetch_timeout_s,
+                             settings.max_redirects, tuple(settings.allowed_media_domains),
+                             Path(settings.media_path) if settings.media_path else None)
+        try:
+            data = fetch(url, policy)
+        except MediaError as e:
+            raise APIError(e.status, str(e), param="image_url",
+                           code="image_too_large" if e.status == 413 else None) from None
     else:
         raise APIError(400, "image_url must be a data: URL" + (" or an http(s) URL" if settings.allow_remote_images
                                                                 else ""), param="image_url")
@@ -130,17 +152,6 @@ def decode_image_url(url: str, settings: ServeSettings):
     except ImageDecodeError as e:
         status = 413 if "too large" in e.problem else 400
         raise APIError(status, f"unusable image: {e.problem}", param="image_url") from None
-
-
-def _fetch(url: str, limit: int) -> bytes:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 (opt-in, http(s) only)
-            data = r.read(limit + 1)
-    except Exception as e:
-        raise APIError(400, f"could not fetch the image URL ({type(e).__name__})", param="image_url") from None
-    if len(data) > limit:
-        raise APIError(413, f"image larger than the limit of {limit} bytes", param="image_url", code="image_too_large")
-    return data
 
 
 def to_prompt(messages: list[ChatMessage], settings: ServeSettings) -> tuple[list[dict], list]:
@@ -178,6 +189,9 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None) ->
                 for name, m in models.items() if hasattr(m, "stream_batch")}
     app = FastAPI(title="vlmkit", version=VERSION, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batchers = batchers   # for monitoring and tests
+    metrics = app.state.metrics = ServerMetrics()
+    for name, batcher in batchers.items():
+        metrics.watch(name, lambda b=batcher: b.waiting, lambda b=batcher: b.running)
 
     # ---- errors: always OpenAI's shape, never a traceback
     @app.exception_handler(APIError)
@@ -227,6 +241,11 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None) ->
     async def health():
         return {"status": "ok", "models": list(models), "waiting": {n: b.waiting for n, b in batchers.items()}}
 
+    @app.get("/metrics")   # unauthenticated, as Prometheus scrapes it: counts and timings, no content
+    async def prometheus():
+        content, media_type = metrics.scrape()
+        return Response(content, media_type=media_type)
+
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def list_models():
         return {"object": "list", "data": [
@@ -235,7 +254,8 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None) ->
             for name in models]}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat(body: ChatRequest):
+    async def chat(body: ChatRequest, request: HTTPRequest):
+        started = time.perf_counter()
         model(body.model, "chat")
         max_new = body.max_completion_tokens or body.max_tokens or min(settings.default_max_tokens,
                                                                         settings.max_tokens)
@@ -250,7 +270,7 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None) ->
         messages, images = await run_in_threadpool(to_prompt, body.messages, settings)
         seed = body.seed if body.seed is not None else secrets.randbits(31)  # per row: still one batch
         requests = [Request(messages=messages, images=images, max_new_tokens=max_new, temperature=body.temperature,
-                            top_p=body.top_p, stop=tuple(s for s in stops if s), seed=seed + i)
+                            top_p=body.top_p, stop=tuple(s for s in stops if s), seed=(seed + i) % 2**63)
                     for i in range(body.n)]
         try:
             job = batchers[body.model].submit(requests)
@@ -258,13 +278,19 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None) ->
             raise APIError(503, f"server busy: {e}; retry shortly", type="server_error", code="queue_full",
                            headers={"Retry-After": str(settings.retry_after_s)}) from None
         first = await job.out.get()
+        first_at = time.perf_counter()
         _raise_if_error(first)
+
+        def ended(prompt: int, generated: int) -> None:
+            metrics.finished(body.model, started, first_at, prompt, generated)
+            request.state.log.update(model=body.model, prompt_tokens=prompt, completion_tokens=generated)
+
         ident, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_sse(job, first, ident, created, body.model, body.n, include_usage),
+            return StreamingResponse(_sse(job, first, ident, created, body.model, body.n, include_usage, ended),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await _complete(job, first, ident, created, body.model, body.n)
+        return await _complete(job, first, ident, created, body.model, body.n, ended)
 
     @app.post("/v1/embeddings", dependencies=[Depends(authorize)])
     async def embeddings(body: EmbeddingRequest):
@@ -308,6 +334,7 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None) ->
     if WEB.is_dir():
         app.mount("/web", StaticFiles(directory=WEB), name="web")
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestLog, metrics=metrics)   # outermost: a refused body is logged and counted too
     return app
 
 
@@ -320,7 +347,7 @@ def _raise_if_error(item) -> None:
         raise APIError(500, "the generation ended without output", type="server_error")
 
 
-async def _complete(job, first, ident, created, name, n) -> dict:
+async def _complete(job, first, ident, created, name, n, ended: Callable[[int, int], None]) -> dict:
     texts, reasons, prompt, completion = [""] * n, [None] * n, 0, [0] * n
     item = first
     while item is not None:
@@ -330,6 +357,7 @@ async def _complete(job, first, ident, created, name, n) -> dict:
         if item.finish_reason:
             reasons[item.index] = item.finish_reason
         item = await job.out.get()
+    ended(prompt, sum(completion))
     return {"id": ident, "object": "chat.completion", "created": created, "model": name,
             "system_fingerprint": f"vlmkit-{VERSION}",
             "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
@@ -338,7 +366,8 @@ async def _complete(job, first, ident, created, name, n) -> dict:
                       "total_tokens": prompt + sum(completion)}}
 
 
-async def _sse(job, first, ident, created, name, n, include_usage) -> AsyncIterator[str]:
+async def _sse(job, first, ident, created, name, n, include_usage,
+               ended: Callable[[int, int], None]) -> AsyncIterator[str]:
     import json
 
     def chunk(choices, usage=None) -> str:
@@ -370,6 +399,7 @@ async def _sse(job, first, ident, created, name, n, include_usage) -> AsyncItera
         yield "data: [DONE]\n\n"
     finally:
         job.cancelled.set()  # a client that went away stops receiving; nothing else to undo
+        ended(prompt, sum(completion))
 
 
 def _encode(vector, encoding: str):

@@ -49,6 +49,7 @@ class Batcher:
         self.assistant, self.max_batch, self.wait = assistant, max_batch, wait_ms / 1000
         self.lock = lock or threading.Lock()     # shared with other users of the model (explain)
         self._waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.running = 0   # rows being decoded now
         self._thread = threading.Thread(target=self._work, name="vlmkit-batcher", daemon=True)
         self._thread.start()
 
@@ -82,31 +83,47 @@ class Batcher:
                 self._run(jobs)
 
     def _run(self, jobs: list[Job]) -> None:
+        """Decode the jobs together. If that fails, only the faulty request may fail: jobs that
+        got nothing yet are run again one by one, jobs already answered in full keep their
+        answers, and only jobs cut off mid-answer get the error."""
         owners = [(job, i) for job in jobs for i in range(len(job.requests))]
         requests = [r for job in jobs for r in job.requests]
-        started = False
+        answered: dict[int, int] = {}   # id(job) -> its rows that finished
+        touched: set[int] = set()      # id(job) of jobs that got any output
         try:
             with self.lock:
+                self.running = len(requests)
                 for delta in self.assistant.stream_batch(requests):
-                    started = True
                     job, i = owners[delta.index]
+                    touched.add(id(job))
+                    if delta.finish_reason is not None:
+                        answered[id(job)] = answered.get(id(job), 0) + 1
                     if not job.cancelled.is_set():
                         job.put(_reindex(delta, i))
-        except ValueError as e:
-            # The assistant checks every request before decoding anything, so nothing was sent
-            # yet: run the jobs one by one and only the faulty one fails.
-            if len(jobs) > 1 and not started:
-                for job in jobs:
-                    self._run([job])
-                return
+        except Exception as e:  # never let one request kill the worker, or fail the others
+            self.running = 0
+            retried = [job for job in jobs if id(job) not in touched] if len(jobs) > 1 else []
+            for job in retried:
+                self._run([job])
+            error = _client_error(e)
             for job in jobs:
-                job.put(BadRequest(str(e)))
-        except Exception:  # never let one request kill the worker
-            log.exception("generation failed")
-            for job in jobs:
-                job.put(InternalError("the model failed on this request"))
+                if job not in retried:
+                    if answered.get(id(job), 0) < len(job.requests):
+                        job.put(error)
+                    job.put(None)
+            return
+        self.running = 0
         for job in jobs:
             job.put(None)
+
+
+def _client_error(error: Exception) -> Exception:
+    """What a client is told: a ValueError is the request's fault (400); anything else is ours (500),
+    its details kept in the server log."""
+    if isinstance(error, ValueError):
+        return BadRequest(str(error))
+    log.error("generation failed", exc_info=error)
+    return InternalError("the model failed on this request")
 
 
 def _reindex(delta, index: int):

@@ -45,11 +45,11 @@ class ChatRequest(_Lenient):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)   # what a 64-bit generator takes
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    frequency_penalty: float = 0.0
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
 
 
 class EmbeddingRequest(_Lenient):

@@ -189,7 +189,7 @@ def train_vlm(cfg: VlmRunConfig, out_dir: str | Path, existing: str = "continue"
             return answer_loss(logits, batch["labels"], batch["denominator"]), {"answer_tokens": float(where.sum())}
 
         trainer = Trainer(model, phase.train, phase_dir, batch_fn, loss_fn, save, eval_fn, device,
-                          groups=optimizer_groups(model, phase))
+                          groups=lambda net, phase=phase: optimizer_groups(net, phase))
         trainer.log(f"phase {name}: {len(rows)} conversations per epoch, "
                     f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
         trainer.resume()

@@ -62,10 +62,10 @@ class RunHooks:
         return results
 
 
-# What a rerun may change with `existing="resume"` (the CLI's --resume): how long to train
-# and how often to log, evaluate and save. Anything else would make the resumed run a
-# different run from the one its checkpoints come from.
-SAFE_ON_RESUME = ("steps", "log_every", "eval_every", "save_every", "keep_checkpoints")
+# What a rerun may change with `existing="resume"` (the CLI's --resume): how long to train,
+# how often to log, evaluate and save, and DDP or FSDP (their checkpoints are the same files).
+# Anything else would make the resumed run a different run from the one its checkpoints come from.
+SAFE_ON_RESUME = ("steps", "log_every", "eval_every", "save_every", "keep_checkpoints", "distributed")
 EXISTING = ("continue", "resume", "overwrite")
 
 
