@@ -8,7 +8,9 @@ products (reading the weights: what int8 and bf16 shrink), attention over the ca
 everything else (norms, rotary embeddings, residuals, casts, and the Python between them).
 The bytes of linear weights read per step over the time of those products gives the speed
 at which the kernels read weights, to set against the machine's read speed (the `speed`
-section's roofline rows).
+section's roofline rows). The context rows decode one token at 128 and at 2048 cached
+positions and set the cost's growth beside the growth of the bytes a step reads (weights plus
+keys and values): the floor of 1.3x at 2048 is within reach only where the bytes allow it.
 """
 from __future__ import annotations
 
@@ -37,16 +39,16 @@ def linear_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def step_profile(lm: DecoderLM, batch: int) -> dict[str, float]:
-    cache = KVCache(lm.cfg, batch, CACHED + 8, "cpu", lm.embed.weight.dtype)
+def step_profile(lm: DecoderLM, batch: int, cached: int = CACHED) -> dict[str, float]:
+    cache = KVCache(lm.cfg, batch, cached + 8, "cpu", lm.embed.weight.dtype)
     token = torch.full((batch, 1), 42)
-    position = torch.full((batch, 1), CACHED)
+    position = torch.full((batch, 1), cached)
     with torch.inference_mode():
-        lm(torch.randint(100, 40000, (batch, CACHED)), cache=cache, last_only=True)
+        lm(torch.randint(100, 40000, (batch, cached)), cache=cache, last_only=True)
 
         def step():
             lm(token, positions=position, cache=cache)
-            cache.length -= 1   # decode the same position again: every step sees 260 cached keys
+            cache.length -= 1   # decode the same position again: every step sees `cached` keys
 
         for _ in range(3):
             step()
@@ -61,7 +63,8 @@ def step_profile(lm: DecoderLM, batch: int) -> dict[str, float]:
     total = sum(e.self_cpu_time_total for e in events) / 5 / 1e6
     products = sum(e.self_cpu_time_total for e in events if e.key in WEIGHT_PRODUCTS) / 5 / 1e6
     attention = sum(e.self_cpu_time_total for e in events if e.key in ATTENTION) / 5 / 1e6
-    return {"wall": wall, "total": total, "products": products, "attention": attention}
+    kv_bytes = 2 * cache.k[:, :, :, : cached + 1].numel() * cache.k.element_size()   # keys and values read
+    return {"wall": wall, "total": total, "products": products, "attention": attention, "kv_bytes": kv_bytes}
 
 
 def main() -> None:
@@ -86,9 +89,25 @@ def main() -> None:
                 (where, "weights read per step, MB / read speed during the products, GB/s",
                  f"{size / 1e6:.0f} / {size / p['products'] / 1e9:.1f}"),
             ]
+        # Against context: a token at 2048 cached positions reads the weights and 16x the keys
+        # and values of one at 128. If decoding is bound by bytes read, its cost grows as they do.
+        short, long = step_profile(lm, 1, 128), step_profile(lm, 1, 2048)
+        where = f"{precision}, batch 1, context"
+        bound = (size + long["kv_bytes"]) / (size + short["kv_bytes"])
+        rows += [
+            (where, "decode step at 128 / 2048 cached positions, ms (wall)",
+             f"{short['wall'] * 1000:.1f} / {long['wall'] * 1000:.1f}"),
+            (where, "cost at 2048 / cost at 128", f"{long['wall'] / short['wall']:.2f}x"),
+            (where, "keys and values read per step at 128 / 2048, MB",
+             f"{short['kv_bytes'] / 1e6:.1f} / {long['kv_bytes'] / 1e6:.1f}"),
+            (where, "bytes read at 2048 / at 128 (the ratio if bound by reading)", f"{bound:.2f}x"),
+            (where, "attention over the cache at 2048, ms (share)",
+             f"{long['attention'] * 1000:.1f} ({long['attention'] / long['total']:.0%})"),
+        ]
     write_section("speed-profile", "Speed profile: where a vlmkit decode step's time goes", rows,
                   notes="SmolLM2-135M shape (30 layers, width 576), 260 cached positions, random weights "
-                        "(time does not depend on their values). Shares are of the profiler's time; the wall "
+                        "(time does not depend on their values); the context rows decode at 128 and 2048. Shares are of "
+                        "the profiler's time; the wall "
                         "time is measured without the profiler. On a CPU without native bf16, bf16 and int8 "
                         "keep activations in fp32 and only store the weights smaller.",
                   columns=("precision and batch", "figure", "value"))

@@ -116,6 +116,15 @@ def test_damaged_samples_are_skipped_and_counted_then_refused(packed):
         read(s, 20)
 
 
+def test_a_reader_whose_shards_are_all_damaged_stops_with_an_error(packed, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(packed, broken)
+    for shard in broken.glob("*.tar"):
+        shard.write_bytes(b"this is no tar file" * 100)
+    with pytest.raises(DataError, match="hold no readable sample"):
+        next(reader_stream(ShardIndex.load(broken), 0, 1, seed=0, buffer=30, bad=[]))
+
+
 def test_a_folder_that_is_not_a_pack_is_refused(tmp_path):
     with pytest.raises(DataError, match="no index.json"):
         ShardIndex.load(tmp_path)

@@ -159,13 +159,18 @@ def reader_stream(index: ShardIndex, slot: int, slots: int, seed: int, buffer: i
         order = owned[:]
         rng.shuffle(order)
         pool: list[tuple[str, dict]] = []
+        read = 0
         for item in _raw_samples(index, order, bad):
+            read += 1
             if len(pool) < buffer:
                 pool.append(item)
                 continue
             j = rng.randrange(len(pool))
             pool[j], item = item, pool[j]
             yield item
+        if not read:   # every epoch would be empty: the reader would spin for ever
+            raise DataError(f"shards {', '.join(index.shards[i][0] for i in owned)} of {index.root} hold no "
+                            f"readable sample{': ' + bad[-1] if bad else ''}")
         rng.shuffle(pool)   # the epoch's last samples, drained in a random order
         yield from pool
         epoch += 1
@@ -213,8 +218,9 @@ class ShardBatches(IterableDataset):
                 captions.append(caption)
                 labels.append(label)
                 keys.append(sample["__key__"])
-            yield {"images": torch.stack(pixels), "captions": captions, "labels": torch.tensor(labels), "keys": keys,
-                   "role": role, "consumed": consumed, "bad": self.bad_before[role] + len(bad), "first_bad": bad[0] if bad else None}
+            yield {"images": torch.stack(pixels), "captions": captions, "labels": torch.tensor(labels),
+                   "keys": keys, "role": role, "consumed": consumed, "bad": self.bad_before[role] + len(bad),
+                   "first_bad": bad[0] if bad else None}
 
 
 class ShardStream:
