@@ -91,10 +91,13 @@ class PreparedPairs:
         return self._normalise(self.images[index])
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float().div_(255.0)
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return normalise(images, self.mean, self.std)
+
+
+def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 pixels [B, 3, S, S] -> the float input a tower takes."""
+    x = images.float().div_(255.0)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 class _Decoded(Dataset):

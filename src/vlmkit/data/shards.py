@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from vlmkit.data.images import ImageDecodeError, ImageTransform, load_image
-from vlmkit.data.prepared import DataError
+from vlmkit.data.prepared import DataError, normalise
 from vlmkit.data.sources.base import Source
 from vlmkit.runtime import main_process
 
@@ -278,7 +278,4 @@ class ShardStream:
         return batch
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float().div_(255.0)
-        mean = torch.tensor(self.transform.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.transform.std).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return normalise(images, self.transform.mean, self.transform.std)
