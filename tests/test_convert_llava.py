@@ -296,7 +296,7 @@ def test_llava_hf_templates_give_the_processors_ids_and_text(tmp_path, tokenizer
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert prompt == assistant.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(text=prompt, images=images, return_tensors="pt")
-    ids, pixels = assistant._prepare(Request(messages, images))
+    ids, pixels = assistant.prepare(Request(messages, images))
     assert ids == inputs["input_ids"][0].tolist()
     assert ids.count(tokenizer.image_id) == 2 * tokens
     torch.testing.assert_close(pixels, inputs["pixel_values"], atol=1e-5, rtol=0)
@@ -309,10 +309,10 @@ def test_llava_hf_templates_give_the_processors_ids_and_text(tmp_path, tokenizer
     # The same conversation as strings with placeholders, and with the images inside the parts.
     as_strings = [{"role": "user", "content": "<image>\n" + QUESTION}, {"role": "assistant", "content": "red"},
                   {"role": "user", "content": "And here?\n<image>"}]
-    assert assistant._prepare(Request(as_strings, images))[0] == ids
+    assert assistant.prepare(Request(as_strings, images))[0] == ids
     carried = [{"role": m["role"], "content": [dict(p) for p in m["content"]]} for m in messages]
     carried[0]["content"][0]["image"], carried[2]["content"][1]["image"] = images
-    assert assistant._prepare(Request(carried))[0] == ids
+    assert assistant.prepare(Request(carried))[0] == ids
 
 
 def test_an_imported_llava_fine_tunes_and_exports_back(tmp_path, tokenizer):

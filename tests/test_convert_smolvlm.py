@@ -129,7 +129,7 @@ def test_imported_model_matches_transformers(tmp_path, tokenizer, family, tie, s
                 {"role": "user", "content": [{"type": "text", "text": "And this one?"}, {"type": "image"}]}]
     prompt, inputs = _inputs(processor, messages, images)
     assert prompt == assistant.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    ids, pixels = assistant._prepare(Request(messages, images))
+    ids, pixels = assistant.prepare(Request(messages, images))
     assert ids == inputs["input_ids"][0].tolist()
     real = inputs["pixel_values"][0][: len(pixels)]
     assert len(pixels) == (4 + 10 if split else 2)
@@ -257,7 +257,7 @@ def test_every_eos_token_id_of_generation_config_stops_the_answer(tmp_path, toke
     convert(path, tmp_path / "plain")
     image = picture((45, 37), 11)
     free = vlmkit.load(tmp_path / "plain", device="cpu")
-    ids, pixels = free._prepare(Request([{"role": "user", "content": "<image>Describe the image."}], [image]))
+    ids, pixels = free.prepare(Request([{"role": "user", "content": "<image>Describe the image."}], [image]))
     first = free.engine.generate([ids], [pixels], SamplingParams(max_new_tokens=3))[0]
     stop = first[1]   # the second greedy token becomes an end token
     assert first[0] != stop
@@ -330,7 +330,7 @@ def test_an_imported_model_fine_tunes_with_lora_and_goes_back(tmp_path, tokenize
     exported = transformers.SmolVLMForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}]}]
     _, inputs = _inputs(_processor(tmp_path / "hf"), messages, [image])
-    ids, pixels = merged._prepare(Request(messages, [image]))
+    ids, pixels = merged.prepare(Request(messages, [image]))
     with torch.no_grad():
         torch.testing.assert_close(exported(**inputs).logits, merged.model(torch.tensor([ids]), pixels), **TOL)
 

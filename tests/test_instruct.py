@@ -205,7 +205,7 @@ def test_image_splitting_trains_and_answers(tmp_path, monkeypatch):
     model = vlmkit.load(run.model_dir, device="cpu")
     assert model.model.cfg.image_prompt == "idefics3" and model.transform.tile_longest_edge == 96
     image = Shapes("heldout", size=1, image_size=48, max_objects=1)[0].image
-    ids, pixels = model._prepare(Request([{"role": "user", "content": "<image>\nWhat colour is the shape?"}],
+    ids, pixels = model.prepare(Request([{"role": "user", "content": "<image>\nWhat colour is the shape?"}],
                                          [image]))
     K = model.model.cfg.image_tokens
     assert len(pixels) == 5 and ids.count(model.tokenizer.image_id) == 5 * K

@@ -275,7 +275,7 @@ def test_one_clients_bad_request_never_fails_the_others(models):
         assert r.status_code == 400 and r.json()["error"]["param"] in ("seed", "frequency_penalty"), r.text
 
 
-def test_a_batch_that_fails_fails_only_the_request_at_fault(models):
+def test_a_static_batch_that_fails_fails_only_the_request_at_fault(models):
     """Whatever slips past validation and breaks a batch part-way (here: after the other
     requests finished, as a sampled group after a greedy one): the others keep their answers."""
     import httpx
@@ -291,7 +291,7 @@ def test_a_batch_that_fails_fails_only_the_request_at_fault(models):
             raise ValueError("max_new_tokens 3 is cursed")
 
     bodies = [chat_body(scene((30 * i, 0, 90)), max_tokens=3 if i == 2 else 5) for i in range(5)]
-    app = create_app({"tiny": tiny}, ServeSettings(max_batch=8, batch_wait_ms=200))
+    app = create_app({"tiny": tiny}, ServeSettings(batching="static", max_batch=8, batch_wait_ms=200))
     tiny.stream_batch = fragile
     try:
         with BackgroundServer(app) as server, ThreadPoolExecutor(5) as pool:
@@ -308,8 +308,10 @@ def test_32_simultaneous_requests_equal_one_at_a_time(models):
 
     app = create_app(models, ServeSettings(max_batch=16, batch_wait_ms=20))
     colours = [(30 * i % 256, 90 * i % 256, 170 * i % 256) for i in range(32)]
-    bodies = [chat_body(scene(c), question=q, max_tokens=6)
-              for c, q in zip(colours, [QUESTION, "Describe the image.", "Is there a green square?", "red"] * 8)]
+    # Greedy and seeded sampling, each with its own max_tokens.
+    bodies = [chat_body(scene(c), question=q, max_tokens=3 + i % 7, temperature=0.9 if i % 2 else 0, seed=i)
+              for i, (c, q) in enumerate(zip(colours, [QUESTION, "Describe the image.", "Is there a green square?",
+                                                       "red"] * 8))]
     with BackgroundServer(app) as server:
         def send(body):
             r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
@@ -323,7 +325,7 @@ def test_32_simultaneous_requests_equal_one_at_a_time(models):
     assert len(set(alone)) > 1   # the images and questions really differ
 
 
-def test_requests_that_arrive_together_decode_together(models):
+def test_with_static_batching_requests_that_arrive_together_decode_together(models):
     import httpx
 
     tiny = models["tiny"]
@@ -334,7 +336,7 @@ def test_requests_that_arrive_together_decode_together(models):
         sizes.append(len(requests))
         return original(requests)
 
-    app = create_app({"tiny": tiny}, ServeSettings(max_batch=8, batch_wait_ms=50))
+    app = create_app({"tiny": tiny}, ServeSettings(batching="static", max_batch=8, batch_wait_ms=50))
     tiny.stream_batch = recording
     try:
         with BackgroundServer(app) as server, ThreadPoolExecutor(8) as pool:
@@ -345,6 +347,131 @@ def test_requests_that_arrive_together_decode_together(models):
         del tiny.stream_batch
     assert codes == [200] * 8
     assert sum(sizes) == 8 and max(sizes) > 1
+
+
+def test_a_request_that_fails_in_the_running_batch_fails_alone(models, monkeypatch):
+    """Continuous batching: a request whose prefill fails gets its own 400; one decode step that
+    fails costs the rows running then a 500 each, and the server goes on serving."""
+    import httpx
+
+    from vlmkit.inference.continuous import ContinuousChat
+
+    add, step, broken = ContinuousChat.add, ContinuousChat.step, []
+
+    def fragile_add(self, key, request, prepared=None):
+        if request.max_new_tokens == 3:
+            raise ValueError("max_new_tokens 3 is cursed")
+        return add(self, key, request, prepared)
+
+    def fragile_step(self):
+        if broken == ["armed"] and len(self):
+            broken[0] = "fired"
+            raise RuntimeError("the step broke")
+        return step(self)
+
+    monkeypatch.setattr(ContinuousChat, "add", fragile_add)
+    monkeypatch.setattr(ContinuousChat, "step", fragile_step)
+    bodies = [chat_body(scene((30 * i, 0, 90)), max_tokens=3 if i == 2 else 5) for i in range(5)]
+    app = create_app(models, ServeSettings(max_batch=8))
+    with BackgroundServer(app) as server, ThreadPoolExecutor(5) as pool:
+        def send(body):
+            return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+
+        alone = [send(b) for b in bodies]
+        together = list(pool.map(send, bodies))
+        broken.append("armed")
+        cut = send(bodies[0])
+        after = send(bodies[1])
+    assert [r.status_code for r in together] == [r.status_code for r in alone] == [200, 200, 400, 200, 200]
+    assert "cursed" in together[2].json()["error"]["message"]
+    assert [r.json() for r in together if r.status_code == 200] != []
+    assert ([r.json()["choices"][0]["message"]["content"] for r in together if r.status_code == 200] ==
+            [r.json()["choices"][0]["message"]["content"] for r in alone if r.status_code == 200])
+    assert broken == ["fired"] and cut.status_code == 500 and "the step broke" not in cut.text
+    assert after.status_code == 200 and app.state.batchers["tiny"].running == 0
+
+
+def test_a_request_joins_the_running_batch_and_leaves_it_when_done(models, monkeypatch):
+    """A short request sent while a long one decodes starts at once, and is answered before the
+    long one ends, with the answer it gets alone."""
+    import httpx
+
+    from vlmkit.inference.continuous import ContinuousChat
+
+    step, rows = ContinuousChat.step, []
+
+    def counting(self):
+        rows.append(len(self))
+        return step(self)
+
+    monkeypatch.setattr(ContinuousChat, "step", counting)
+    long = {**chat_body(scene(), max_tokens=60), "stream": True}
+    short = chat_body(scene((0, 200, 0)), question="Describe the image.", max_tokens=4)
+    app = create_app(models, ServeSettings(max_batch=4))
+    with BackgroundServer(app) as server:
+        url = server.url + "/v1/chat/completions"
+        alone = httpx.post(url, json=short, timeout=60).json()["choices"][0]["message"]["content"]
+        rows.clear()
+        with httpx.stream("POST", url, json=long, timeout=60) as stream:
+            lines = stream.iter_lines()
+            while "content" not in next(lines):    # the long answer is under way
+                pass
+            joined = httpx.post(url, json=short, timeout=60)
+            pieces = sum('"content"' in line for line in lines)   # what remained of the long answer
+    assert joined.json()["choices"][0]["message"]["content"] == alone
+    assert max(rows) == 2 and rows[-1] == 1      # decoded side by side, then the short one left
+    assert pieces > 10                           # the long one was far from done when the short one ended
+
+
+def test_a_client_that_disconnects_frees_its_row_at_the_next_step(models, monkeypatch):
+    import httpx
+
+    from vlmkit.inference.continuous import ContinuousChat
+
+    step, steps = ContinuousChat.step, []
+
+    def slow(self):   # 20 ms a step: 120 tokens would take 2.4 s
+        steps.append(len(self))
+        time.sleep(0.02)
+        return step(self)
+
+    monkeypatch.setattr(ContinuousChat, "step", slow)
+    app = create_app(models, ServeSettings(max_batch=4, max_tokens=150))
+    batcher = app.state.batchers["tiny"]
+    with BackgroundServer(app) as server:
+        url = server.url + "/v1/chat/completions"
+        for stream in (True, False):
+            steps.clear()
+            body = {**chat_body(scene(), max_tokens=120), "stream": stream}
+            with httpx.Client(timeout=60) as client:
+                if stream:
+                    with client.stream("POST", url, json=body) as r:
+                        next(line for line in r.iter_lines() if '"content"' in line)
+                else:
+                    with pytest.raises(httpx.ReadTimeout):
+                        client.post(url, json=body, timeout=0.3)
+                    assert batcher.running == 1
+            # The connection is closed: the row leaves within a step or two, long before 120 tokens.
+            deadline = time.monotonic() + 10
+            while batcher.running and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert batcher.running == 0 and len(steps) < 40, (stream, len(steps))
+        ok = httpx.post(url, json=chat_body(scene(), max_tokens=4), timeout=60)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+
+
+def test_the_prompt_token_limit_is_enforced_with_openai_error_json(models):
+    import httpx
+
+    app = create_app(models, ServeSettings(max_prompt_tokens=20))
+    with BackgroundServer(app) as server:
+        long = httpx.post(server.url + "/v1/chat/completions", json=chat_body(scene()), timeout=60)
+        short = httpx.post(server.url + "/v1/chat/completions",
+                           json={**chat_body(), "messages": [{"role": "user", "content": "red"}]}, timeout=60)
+    assert long.status_code == 400, long.text
+    error = long.json()["error"]
+    assert error["code"] == "context_length_exceeded" and "limit is 20" in error["message"]
+    assert short.status_code == 200, short.text
 
 
 def test_a_full_queue_answers_503_with_retry_after(models):

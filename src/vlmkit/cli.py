@@ -471,8 +471,9 @@ def demo(out: str = "runs/demo", steps: int | None = None, vlm_steps: int | None
 
 def serve(model: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           allow_remote_images: bool = False, allowed_media_domains: list[str] | None = None,
-          media_path: str | None = None, max_tokens: int = 1024, max_n: int = 8, max_images: int = 8,
-          max_body_mb: float = 32.0, max_image_mb: float = 16.0, max_batch: int = 16, max_queue: int = 64,
+          media_path: str | None = None, max_tokens: int = 1024, max_prompt_tokens: int | None = None,
+          max_n: int = 8, max_images: int = 8, max_body_mb: float = 32.0, max_image_mb: float = 16.0,
+          batching: Literal["continuous", "static"] = "continuous", max_batch: int = 16, max_queue: int = 64,
           device: str | None = None, precision: Precision = "auto") -> None:
     """Serve models over an OpenAI-compatible API, with a web chat page at / and Prometheus metrics at /metrics.
 
@@ -485,10 +486,12 @@ def serve(model: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
         allowed_media_domains: fetch remote images only from these hosts (and their subdomains), private addresses included.
         media_path: let requests name file:// image URLs under this folder.
         max_tokens: the largest max_tokens a request may ask for.
+        max_prompt_tokens: the longest prompt, in tokens, images' tokens included (default: what the model's context holds).
         max_n: the largest n (choices) a request may ask for.
         max_images: images per request.
         max_body_mb: the largest request body, in MB (413 beyond).
         max_image_mb: the largest image file, in MB (413 beyond).
+        batching: continuous (requests join and leave the running batch between decode steps) or static (a batch forms, runs to its end, then the next).
         max_batch: requests decoded together.
         max_queue: requests that may wait; beyond that the server answers 503.
         device: cpu, cuda, ... (default: cuda when available).
@@ -502,7 +505,8 @@ def serve(model: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
         log.warning(f"serving on {host} without --api-key; anyone who can reach it can use it")
     settings = ServeSettings(api_key=api_key, allow_remote_images=allow_remote_images or bool(allowed_media_domains),
                              allowed_media_domains=tuple(allowed_media_domains or ()), media_path=media_path,
-                             max_tokens=max_tokens, max_n=max_n, max_images=max_images,
+                             max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, max_n=max_n,
+                             max_images=max_images, batching=batching,
                              max_body_bytes=int(max_body_mb * 2**20), max_image_bytes=int(max_image_mb * 2**20),
                              max_batch=max_batch, max_queue=max_queue)
     models = load_models(model, device, precision)

@@ -49,7 +49,7 @@ class VisionLanguageAssistant:
         return self.model.cfg.decoder.max_positions
 
     # ------------------------------------------------------------------ preparing input
-    def _prepare(self, request: Request) -> tuple[list[int], torch.Tensor | None]:
+    def prepare(self, request: Request) -> tuple[list[int], torch.Tensor | None]:
         messages, carried = normalize(request.messages)
         if not messages:
             raise ValueError("no messages given")
@@ -78,7 +78,7 @@ class VisionLanguageAssistant:
             expansions.append(self.image_prompt.ids(rows, cols))
         return (torch.cat(pixels) if pixels else None), expansions
 
-    def _params(self, r: Request) -> SamplingParams:
+    def sampling(self, r: Request) -> SamplingParams:
         return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
                               top_p=r.top_p, repetition_penalty=r.repetition_penalty, seed=r.seed,
                               stop_ids=self.tokenizer.stop_ids)
@@ -93,13 +93,13 @@ class VisionLanguageAssistant:
         """
         if not requests:
             raise ValueError("no requests given")
-        prepared = [self._prepare(r) for r in requests]   # validates every request before any work
+        prepared = [self.prepare(r) for r in requests]   # validates every request before any work
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             key = (r.temperature, r.top_k, r.top_p, r.repetition_penalty, r.max_new_tokens)
             groups.setdefault(key, []).append(i)
         for rows in groups.values():
-            params = self._params(requests[rows[0]])
+            params = self.sampling(requests[rows[0]])
             seeds = [requests[i].seed for i in rows]
             for d in self._run([prepared[i] for i in rows], [requests[i] for i in rows], params, seeds):
                 yield Delta(rows[d.index], d.text, d.finish_reason, d.prompt_tokens, d.completion_tokens)
@@ -116,12 +116,8 @@ class VisionLanguageAssistant:
                                           seeds):
             for row, token in emitted:
                 answer = answers[row]
-                answer.tokens += 1
-                reason = ("stop" if token in stops or answer.stopped else
-                          "length" if answer.tokens >= params.max_new_tokens else None)
-                delta = answer.take(final=reason is not None)
+                delta, reason = answer.emit(token in stops, answer.tokens + 1 >= params.max_new_tokens)
                 if delta or reason:
-                    answer.done = reason is not None
                     yield Delta(row, delta, reason, len(prepared[row][0]), answer.tokens)
         for row, answer in enumerate(answers):
             if not answer.done:   # the context filled up
@@ -263,6 +259,14 @@ class _Answer:
             if at >= 0:
                 self.text, self.stopped = self.text[:at], True
         return self.stopped
+
+    def emit(self, stop_token: bool, out_of_room: bool) -> tuple[str, str | None]:
+        """Count one more generated token (already `add`ed unless it is a stop id): the text to
+        send now, and the finish reason once the answer ends."""
+        self.tokens += 1
+        reason = "stop" if stop_token or self.stopped else "length" if out_of_room else None
+        self.done = reason is not None
+        return self.take(final=self.done), reason
 
     def take(self, final: bool) -> str:
         if final and not self.stopped:

@@ -60,6 +60,15 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
     return torch.where(seen, penalized, logits)
 
 
+def prompt_tokens(ids: torch.Tensor, real: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, vocab] booleans: which vocabulary ids each row's prompt holds (what a repetition
+    penalty counts as seen). Padding and image placeholders (ids past the vocabulary) aside."""
+    keep = real & (ids < vocab)
+    counts = torch.zeros((ids.shape[0], vocab), dtype=torch.long, device=ids.device)
+    counts.scatter_add_(1, ids.masked_fill(~keep, 0), keep.long())
+    return counts > 0
+
+
 class Engine:
     """Batched generation for a `VisionLanguageModel` or a text-only `DecoderLM`.
 
@@ -117,13 +126,11 @@ class Engine:
         padded = not bool(key_mask.all())
         positions = (key_mask[:, :longest].cumsum(1) - 1).clamp(min=0)
         cache = KVCache(self.lm.cfg, B, total, device, self.dtype)
-        logits = self._prefill(ids, pixels, positions, key_mask[:, :longest] if padded else None, cache)
+        logits = self.prefill(ids, pixels, positions, key_mask[:, :longest] if padded else None, cache)
 
         seen = None
         if params.repetition_penalty != 1.0:
-            vocab = logits.shape[-1]
-            seen = torch.zeros((B, vocab), dtype=torch.bool, device=device)
-            seen.scatter_(1, ids.masked_fill((ids >= vocab) | ~key_mask[:, :longest], 0), True)
+            seen = prompt_tokens(ids, key_mask[:, :longest], logits.shape[-1])
         generators = [torch.Generator(device=device).manual_seed(params.seed if seeds is None else seeds[row])
                       for row in range(B)]
         stop_ids = set(params.stop_ids)
@@ -134,7 +141,7 @@ class Engine:
         for step in range(new_tokens):
             if seen is not None:
                 logits = penalize_repeats(logits, seen, params.repetition_penalty)
-            tokens = self._pick(logits, params, generators, running)       # [B]
+            tokens = self.pick(logits, params, generators, running)       # [B]
             emitted = []
             for row, token in enumerate(tokens.tolist()):
                 if not running[row]:
@@ -152,7 +159,7 @@ class Engine:
             logits = self.lm(tokens[:, None], positions=position, cache=cache, key_mask=mask)[:, -1].float()
             position += 1
 
-    def _prefill(self, ids: torch.Tensor, pixels: Sequence[torch.Tensor | None], positions: torch.Tensor,
+    def prefill(self, ids: torch.Tensor, pixels: Sequence[torch.Tensor | None], positions: torch.Tensor,
                  key_mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """Run the prompts through the model into `cache`; the last position's logits [B, vocab] in fp32."""
         images = [p for p in pixels if p is not None and len(p)]
@@ -177,7 +184,7 @@ class Engine:
         return outputs
 
     @staticmethod
-    def _pick(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator],
+    def pick(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator],
               running: list[bool]) -> torch.Tensor:
         if params.temperature == 0:
             return logits.argmax(-1)

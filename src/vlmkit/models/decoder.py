@@ -96,6 +96,102 @@ class KVCache:
     def advance(self, steps: int) -> None:
         self.length += steps
 
+    @classmethod
+    def over(cls, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        """An empty cache whose storage is `k`, `v` [depth, B, kvH, max_length, hd] (views of a larger one)."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.max_length, cache.length = k, v, k.shape[3], 0
+        return cache
+
+
+class SlotCache:
+    """Keys and values for rows that join and leave a running batch (continuous batching).
+
+    Each running row owns one slot and fills it from position 0, so rows hold different
+    lengths and need no padding. Running rows sit in slots 0..n-1: a row that leaves is
+    replaced by the last one, so a decode step reads the first n slots as a view and
+    nothing is gathered. Storage grows (doubling its length) as the longest row needs it.
+
+    As the `cache` of a one-token decode step over all n rows, `update` writes each row's new
+    key at that row's own length and `advance` moves every row on; `length` is the longest
+    row's, so the step's key mask is [n, length + 1].
+    """
+
+    def __init__(self, cfg: DecoderConfig, slots: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, initial_length: int = 256):
+        self.cfg, self.slots = cfg, slots
+        self.lengths: list[int] = []          # per running row, in slot order
+        shape = (cfg.depth, slots, cfg.kv_heads, min(initial_length, cfg.max_positions), cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self._at: torch.Tensor | None = None   # lengths as a tensor, rebuilt after a change
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def length(self) -> int:
+        return max(self.lengths, default=0)
+
+    @property
+    def at(self) -> torch.Tensor:
+        """Each running row's length (its next position), [n] on the cache's device."""
+        if self._at is None:
+            self._at = torch.tensor(self.lengths, dtype=torch.long, device=self.k.device)
+        return self._at
+
+    def reserve(self, length: int) -> None:
+        """Make every slot hold at least `length` positions, keeping what is stored."""
+        have = self.k.shape[3]
+        if length <= have:
+            return
+        if length > self.cfg.max_positions:
+            raise ValueError(f"{length} positions exceed the model's context of {self.cfg.max_positions} tokens")
+        grown = min(max(length, 2 * have), self.cfg.max_positions)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:3], grown, old.shape[4])
+            new[:, :, :, :have] = old
+            setattr(self, name, new)
+
+    def join(self, prompt_length: int) -> KVCache:
+        """Take the next free slot for a row of `prompt_length` tokens; its prefill goes into the
+        returned cache (a view of the slot)."""
+        if self.rows == self.slots:
+            raise ValueError(f"all {self.slots} slots are taken")
+        self.reserve(prompt_length)
+        slot = self.rows
+        self.lengths.append(prompt_length)
+        self._at = None
+        return KVCache.over(self.k[:, slot:slot + 1], self.v[:, slot:slot + 1])
+
+    def leave(self, row: int) -> None:
+        """Free row `row`'s slot: the last row moves into it (the caller moves its own state alike)."""
+        last = self.rows - 1
+        if row != last:
+            n = self.lengths[last]
+            self.k[:, row, :, :n] = self.k[:, last, :, :n]
+            self.v[:, row, :, :n] = self.v[:, last, :, :n]
+            self.lengths[row] = n
+        self.lengths.pop()
+        self._at = None
+
+    # ---- the cache protocol of a one-token decode step over the running rows
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.rows
+        if k.shape[0] != n or k.shape[2] != 1:
+            raise ValueError(f"a slot cache takes one new token for each of its {n} rows, got {tuple(k.shape)}")
+        rows = torch.arange(n, device=k.device)
+        self.k[layer, :n][rows, :, self.at] = k[:, :, 0]
+        self.v[layer, :n][rows, :, self.at] = v[:, :, 0]
+        end = self.length + 1
+        return self.k[layer, :n, :, :end], self.v[layer, :n, :, :end]
+
+    def advance(self, steps: int) -> None:
+        self.lengths = [n + steps for n in self.lengths]
+        self._at = None
+
 
 class DecoderAttention(nn.Module):
     """Grouped-query self-attention with RoPE; `kv_heads` key/value heads serve `heads` query heads."""

@@ -7,6 +7,7 @@ ours or the framework's, leaves as OpenAI's error JSON with no stack trace or fi
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -26,11 +27,12 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vlmkit.data.chat import PromptTooLong
 from vlmkit.data.images import ImageDecodeError, load_image
 from vlmkit.inference.api import load
 from vlmkit.inference.assistant import Request
 from vlmkit.runtime import VERSION
-from vlmkit.serving.batcher import BadRequest, Batcher, QueueFull
+from vlmkit.serving.batcher import BATCHERS, BadRequest, QueueFull
 from vlmkit.serving.media import MediaError, MediaPolicy, fetch
 from vlmkit.serving.metrics import RequestLog, ServerMetrics
 from vlmkit.serving.schemas import ChatMessage, ChatRequest, EmbeddingRequest, ExplainRequest
@@ -54,10 +56,12 @@ class ServeSettings:
     max_tokens: int = 1024                 # the largest max_tokens a request may ask for
     default_max_tokens: int = 256
     max_n: int = 8
+    max_prompt_tokens: int | None = None   # None: what the model's context holds
     max_stop: int = 4
+    batching: str = "continuous"           # or "static": see serving/batcher.py
     max_batch: int = 16                    # rows decoded together
     max_queue: int = 64                    # requests waiting; beyond this, 503
-    batch_wait_ms: float = 5.0             # how long the first request waits for company
+    batch_wait_ms: float = 5.0             # static batching: how long the first request waits for company
     retry_after_s: int = 1
 
 
@@ -184,8 +188,11 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None) ->
     settings = settings or ServeSettings()
     if not models:
         raise ValueError("no models to serve")
+    if settings.batching not in BATCHERS:
+        raise ValueError(f"batching must be one of {', '.join(BATCHERS)}, got {settings.batching!r}")
     locks = {name: threading.Lock() for name in models}
-    batchers = {name: Batcher(m, settings.max_batch, settings.max_queue, settings.batch_wait_ms, locks[name])
+    batchers = {name: BATCHERS[settings.batching](m, settings.max_batch, settings.max_queue, settings.batch_wait_ms,
+                                                  locks[name])
                 for name, m in models.items() if hasattr(m, "stream_batch")}
     app = FastAPI(title="vlmkit", version=VERSION, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batchers = batchers   # for monitoring and tests
@@ -272,25 +279,33 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None) ->
         requests = [Request(messages=messages, images=images, max_new_tokens=max_new, temperature=body.temperature,
                             top_p=body.top_p, stop=tuple(s for s in stops if s), seed=(seed + i) % 2**63)
                     for i in range(body.n)]
+        prepared = await run_in_threadpool(_prepare, models[body.model], requests[0], settings.max_prompt_tokens)
         try:
-            job = batchers[body.model].submit(requests)
+            job = batchers[body.model].submit(requests, prepared)
         except QueueFull as e:
             raise APIError(503, f"server busy: {e}; retry shortly", type="server_error", code="queue_full",
                            headers={"Retry-After": str(settings.retry_after_s)}) from None
-        first = await job.out.get()
-        first_at = time.perf_counter()
-        _raise_if_error(first)
+        # Until the answer streams (then the stream notices), a client that leaves cancels the job here.
+        watcher = asyncio.create_task(_cancel_when_gone(request, job))
+        try:
+            first = await job.out.get()
+            first_at = time.perf_counter()
+            if first is None and job.cancelled.is_set():   # the client left before its answer began
+                return Response(status_code=499)            # (nginx's "client closed request", for the log)
+            _raise_if_error(first)
 
-        def ended(prompt: int, generated: int) -> None:
-            metrics.finished(body.model, started, first_at, prompt, generated)
-            request.state.log.update(model=body.model, prompt_tokens=prompt, completion_tokens=generated)
+            def ended(prompt: int, generated: int) -> None:
+                metrics.finished(body.model, started, first_at, prompt, generated)
+                request.state.log.update(model=body.model, prompt_tokens=prompt, completion_tokens=generated)
 
-        ident, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_sse(job, first, ident, created, body.model, body.n, include_usage, ended),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await _complete(job, first, ident, created, body.model, body.n, ended)
+            ident, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+            if body.stream:
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                return StreamingResponse(_sse(job, first, ident, created, body.model, body.n, include_usage, ended),
+                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return await _complete(job, first, ident, created, body.model, body.n, ended)
+        finally:
+            watcher.cancel()
 
     @app.post("/v1/embeddings", dependencies=[Depends(authorize)])
     async def embeddings(body: EmbeddingRequest):
@@ -336,6 +351,27 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None) ->
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestLog, metrics=metrics)   # outermost: a refused body is logged and counted too
     return app
+
+
+def _prepare(assistant, request: Request, max_prompt_tokens: int | None):
+    """Tokens and pixels for a request, checked here, in a handler's thread, so the model's
+    thread only runs the model and a bad request never reaches it."""
+    try:
+        ids, pixels = assistant.prepare(request)
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages",
+                       code="context_length_exceeded" if isinstance(e, PromptTooLong) else None) from None
+    if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+        raise APIError(400, f"the prompt is {len(ids)} tokens; this server's limit is {max_prompt_tokens}",
+                       param="messages", code="context_length_exceeded")
+    return ids, pixels
+
+
+async def _cancel_when_gone(request: HTTPRequest, job) -> None:
+    """Cancel `job` when the client disconnects."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled.set()
 
 
 def _raise_if_error(item) -> None:
