@@ -1,6 +1,6 @@
 """Serving throughput and latency of `vlmkit serve`: closed-loop clients, and requests arriving over time.
 
-    python -m benchmarks.serving [--model DIR|llava-smol] [--part closed|arrivals|all] [--quick]
+    python -m benchmarks.serving [--model DIR|llava-smol] [--part closed|arrivals|all] [--precision P] [--quick]
                                  [--requests N] [--max-tokens N] [--repeats N]
 
 (from the repository root)
@@ -337,6 +337,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="rounds over all settings; each figure is from the "
                                                      "median round by requests/s (default 3, --quick 1)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "int8"),
+                        help="as `vlmkit serve --precision` (default auto, what it serves with)")
     args = parser.parse_args()
     n = args.requests or (16 if args.quick else 48)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -354,8 +356,10 @@ def main() -> None:
         else:
             raise SystemExit(f"no model to serve: {DEMO_MODEL.relative_to(ROOT)} does not exist; run `vlmkit demo` "
                              "first, or pass --model")
+        if args.precision != "auto":
+            which, suffix = f"{which}, --precision {args.precision}", f"{suffix}-{args.precision}"
         print(f"model: {which}", flush=True)
-        assistant = vlmkit.load(path, device=args.device)
+        assistant = vlmkit.load(path, device=args.device, precision=args.precision)
     if not hasattr(assistant, "stream_batch"):
         raise SystemExit(f"{path} is not a Stage 2 (chat) model")
     if args.part in ("closed", "all"):

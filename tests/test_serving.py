@@ -400,8 +400,9 @@ def test_a_request_joins_the_running_batch_and_leaves_it_when_done(models, monke
 
     step, rows = ContinuousChat.step, []
 
-    def counting(self):
+    def counting(self):   # 10 ms a step, so the long answer is still going when the short one arrives
         rows.append(len(self))
+        time.sleep(0.01)
         return step(self)
 
     monkeypatch.setattr(ContinuousChat, "step", counting)
