@@ -283,9 +283,9 @@ def test_a_static_batch_that_fails_fails_only_the_request_at_fault(models):
     tiny = models["tiny"]
     original = tiny.stream_batch
 
-    def fragile(requests):
+    def fragile(requests, prepared=None):
         fine = [i for i, r in enumerate(requests) if r.max_new_tokens != 3]
-        for d in original([requests[i] for i in fine]) if fine else ():
+        for d in original([requests[i] for i in fine], [prepared[i] for i in fine]) if fine else ():
             yield type(d)(fine[d.index], d.text, d.finish_reason, d.prompt_tokens, d.completion_tokens)
         if len(fine) < len(requests):
             raise ValueError("max_new_tokens 3 is cursed")
@@ -332,9 +332,9 @@ def test_with_static_batching_requests_that_arrive_together_decode_together(mode
     sizes = []
     original = tiny.stream_batch
 
-    def recording(requests):
+    def recording(requests, prepared=None):
         sizes.append(len(requests))
-        return original(requests)
+        return original(requests, prepared)
 
     app = create_app({"tiny": tiny}, ServeSettings(batching="static", max_batch=8, batch_wait_ms=50))
     tiny.stream_batch = recording

@@ -84,16 +84,19 @@ class VisionLanguageAssistant:
                               stop_ids=self.tokenizer.stop_ids)
 
     # ------------------------------------------------------------------ generation
-    def stream_batch(self, requests: Sequence[Request]) -> Iterator[Delta]:
+    def stream_batch(self, requests: Sequence[Request],
+                     prepared: Sequence[tuple[list[int], torch.Tensor | None]] | None = None) -> Iterator[Delta]:
         """Generate for several requests in one batch; yield text deltas as they are decoded.
 
         Requests share one decode loop when their sampling settings agree (seeds may differ:
         each row has its own sampler); groups with different settings run one after another.
-        Each request ends with one `Delta` whose `finish_reason` is set.
+        Each request ends with one `Delta` whose `finish_reason` is set. `prepared`: each
+        request's `prepare` output, when the caller has it already.
         """
         if not requests:
             raise ValueError("no requests given")
-        prepared = [self.prepare(r) for r in requests]   # validates every request before any work
+        if prepared is None:   # validates every request before any work
+            prepared = [self.prepare(r) for r in requests]
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             key = (r.temperature, r.top_k, r.top_p, r.repetition_penalty, r.max_new_tokens)

@@ -183,12 +183,13 @@ class StaticBatcher(Batcher):
         answers, and only jobs cut off mid-answer get the error."""
         owners = [(job, i) for job in jobs for i in range(len(job.requests))]
         requests = [r for job in jobs for r in job.requests]
+        prepared = None if any(job.prepared is None for job in jobs) else [job.prepared for job, _ in owners]
         answered: dict[int, int] = {}   # id(job) -> its rows that finished
         touched: set[int] = set()      # id(job) of jobs that got any output
         try:
             with self.lock:
                 self.running = len(requests)
-                for delta in self.assistant.stream_batch(requests):
+                for delta in self.assistant.stream_batch(requests, prepared):
                     job, i = owners[delta.index]
                     touched.add(id(job))
                     if delta.finish_reason is not None:
